@@ -1,0 +1,194 @@
+"""The LMN language model: `forward` (parallel mode) and `step` (sequential mode) share every layer.
+
+Shape letters: B batch, T time, V vocab, E width (n_embd), H heads, D head width, S memory nodes
+per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N layers.
+
+Reference: "Logarithmic Memory Networks (LMNs): Efficient Long-Range Sequence Modeling for
+Resource-Constrained Environments". Deliberate differences from the paper's code: the step
+computes every level and selects with `where` (exportable, no data-dependent control flow), and
+the validity mask is explicit rather than inferred from zero scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LMNConfig
+from .memory import LogMemory
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n_embd: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SingleVectorAttention(nn.Module):
+    """Multi-head attention of one query vector over a set of memory slots.
+
+    The math is split into `query`/`key_value` projections, `score` and `weigh`, so the parallel
+    pass can apply them per memory level without copying each level's keys to every position,
+    while the step applies the very same functions to its slot set.
+    """
+
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.scale = 1.0 / math.sqrt(n_embd // n_head)
+        self.q_proj = nn.Linear(n_embd, n_embd)
+        self.k_proj = nn.Linear(n_embd, n_embd)
+        self.v_proj = nn.Linear(n_embd, n_embd)
+        self.out_proj = nn.Linear(n_embd, n_embd)
+
+    def query(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., E) -> (..., H, D), pre-scaled by 1/sqrt(D)."""
+        return self.q_proj(h).unflatten(-1, (self.n_head, -1)) * self.scale
+
+    def key_value(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., E) -> keys, values (..., H, D)."""
+        return tuple(p(slots).unflatten(-1, (self.n_head, -1)) for p in (self.k_proj, self.v_proj))
+
+    @staticmethod
+    def score(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q (..., 1, H, D) against k (..., A, H, D) -> (..., A, H)."""
+        return (q * k).sum(-1)
+
+    @staticmethod
+    def normalize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Softmax over the valid slots only: scores (..., A, H), valid (..., A) -> weights (..., A, H).
+
+        Level 0 is always valid, so no row is empty.
+        """
+        return torch.softmax(scores.masked_fill(~valid.unsqueeze(-1), float("-inf")), dim=-2)
+
+    @staticmethod
+    def weigh(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """weights (..., A, H) and values (..., A, H, D) -> (..., H, D)."""
+        return (weights.unsqueeze(-1) * v).sum(-3)
+
+    def output(self, mixed: torch.Tensor) -> torch.Tensor:
+        """(..., H, D) -> (..., E)."""
+        return self.out_proj(mixed.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, n_embd: int, ff_mult: int):
+        super().__init__()
+        self.up = nn.Linear(n_embd, ff_mult * n_embd)
+        self.down = nn.Linear(ff_mult * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x)))
+
+
+class LMNBlock(nn.Module):
+    """Pre-norm -> logarithmic memory -> single-vector attention -> residual; pre-norm FF -> residual."""
+
+    def __init__(self, cfg: LMNConfig):
+        super().__init__()
+        self.norm_attn = RMSNorm(cfg.n_embd)
+        self.memory = LogMemory(cfg)
+        self.attn = SingleVectorAttention(cfg.n_embd, cfg.n_head)
+        self.norm_ff = RMSNorm(cfg.n_embd)
+        self.ff = FeedForward(cfg.n_embd, cfg.ff_mult)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, E) -> (B, T, E) and the nodes left after the last position (B, S, E).
+
+        Level i's keys and values are computed once per block and met by the positions that see
+        that block through `group` (no per-position copies); the softmax spans all levels at once.
+        """
+        T = x.shape[1]
+        attn, memory = self.attn, self.memory
+        h = self.norm_attn(x)
+        q = attn.query(h)  # (B, T, H, D)
+        tree = memory.tree(h)  # [(B, n_i, K, E)]
+        k, v = attn.key_value(h)  # level 0: (B, T, H, D)
+        values = [v]
+        scores = [attn.score(q, k).unsqueeze(2)]  # (B, T, 1, H)
+        for i, summaries in enumerate(tree, start=1):
+            k, v = (memory.blocks_by_group(t) for t in attn.key_value(memory.widen(summaries)))  # (B, G, KX, H, D)
+            values.append(v)
+            grouped_q = memory.group(q, 2**i).unsqueeze(3)  # (B, G, 2^i, 1, H, D)
+            scores.append(memory.ungroup(attn.score(grouped_q, k.unsqueeze(2)), T))  # (B, T, KX, H)
+        valid = memory.valid(torch.arange(T, device=x.device))  # (T, A)
+        weights = attn.normalize(torch.cat(scores, dim=2), valid)  # (B, T, A, H)
+        per_level = weights.split([1] + [s.shape[2] for s in scores[1:]], dim=2)
+        mixed = attn.weigh(per_level[0], values[0].unsqueeze(2))  # (B, T, H, D)
+        for i, (w, v) in enumerate(zip(per_level[1:], values[1:]), start=1):
+            mixed = mixed + memory.ungroup(attn.weigh(memory.group(w, 2**i), v.unsqueeze(2)), T)
+        x = x + attn.output(mixed)
+        return x + self.ff(self.norm_ff(x)), memory.last_nodes(h, tree)
+
+    def step(self, x: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, E), nodes: (B, S, E), pointer: (B,) -> x (B, E), nodes (B, S, E)."""
+        attn = self.attn
+        h = self.norm_attn(x)
+        nodes = self.memory.update(h, nodes, pointer)
+        k, v = attn.key_value(self.memory.slots(nodes))  # (B, A, H, D)
+        scores = attn.score(attn.query(h).unsqueeze(-3), k)  # (B, A, H)
+        weights = attn.normalize(scores, self.memory.valid(pointer))  # (B, A, H)
+        x = x + attn.output(attn.weigh(weights, v))
+        return x + self.ff(self.norm_ff(x)), nodes
+
+
+@dataclass
+class StepState:
+    """The whole recurrent state of a batch of streams; its size never depends on their length.
+
+    memory:  (B, n_layer, n_slots, n_embd) float. Per layer, slot 0 is the last token's level-0
+             node and slot 1 + (i-1)*n_bank + b is bank b's level-i summary (zeros while empty).
+    pointer: (B,) int64, the position of the next token of each row (rows may differ).
+    """
+
+    memory: torch.Tensor
+    pointer: torch.Tensor
+
+
+class LMN(nn.Module):
+    def __init__(self, cfg: LMNConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(LMNBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+
+    def forward(self, tokens: torch.Tensor, return_state: bool = False):
+        """Parallel mode. tokens: (B, T) int64 -> logits (B, T, V) [, StepState after T tokens]."""
+        x = self.embed(tokens)  # (B, T, E)
+        last_nodes = []
+        for block in self.blocks:
+            x, nodes = block(x)
+            last_nodes.append(nodes)  # (B, S, E): exactly what a step at T-1 leaves behind
+        logits = self.head(self.norm_out(x))
+        if not return_state:
+            return logits
+        pointer = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
+        return logits, StepState(torch.stack(last_nodes, dim=1), pointer)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StepState:
+        """The empty state: zero memory, every pointer at 0. See StepState for the layout."""
+        cfg = self.config
+        dtype = self.head.weight.dtype
+        memory = torch.zeros(batch_size, cfg.n_layer, cfg.n_slots, cfg.n_embd, dtype=dtype, device=device)
+        return StepState(memory, torch.zeros(batch_size, dtype=torch.int64, device=device))
+
+    def step(self, tokens: torch.Tensor, state: StepState) -> tuple[torch.Tensor, StepState]:
+        """Sequential mode. tokens: (B,) int64 -> logits (B, V) and the state after them."""
+        x = self.embed(tokens)  # (B, E)
+        new_memory = []
+        for layer, block in enumerate(self.blocks):
+            x, nodes = block.step(x, state.memory[:, layer], state.pointer)
+            new_memory.append(nodes)
+        logits = self.head(self.norm_out(x))
+        return logits, StepState(torch.stack(new_memory, dim=1), state.pointer + 1)

@@ -1,0 +1,131 @@
+"""The logarithmic memory: one tree of summaries per bank, built in parallel or one step at a time.
+
+Shape letters: B batch, T time, L levels (max_levels), K banks, E width, S nodes (1 + (L-1)*K),
+X expander slots per summary node (1 + expand), A attention slots (1 + (L-1)*K*X).
+
+At position t, level i holds the summary of tokens [(k-1)*2^i, k*2^i - 1], k = floor((t+1)/2^i),
+and is empty (zeros, masked) while k = 0. Level 0 is the token's own (normalized) input.
+Both modes call the same `summarizer` on the same operands, so they agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import LMNConfig
+from .summarizers import Expander, make_summarizer
+
+
+def level_flags(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
+    """Which levels a step at position `pointer` re-summarizes: 2^i divides pointer + 1.
+
+    pointer: (B,) int64; block_sizes: (L-1,) int64 holding 2^1..2^(L-1). Returns (B, L-1) bool.
+    `remainder` is exact for any int64 and exports to ONNX and Core ML (bitwise ops do not).
+    """
+    return torch.remainder(pointer.unsqueeze(-1) + 1, block_sizes) == 0
+
+
+def level_valid(position: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
+    """Whether each summary level holds a complete block at `position`: position + 1 >= 2^i.
+
+    position: (...) int64 -> (..., L-1) bool.
+    """
+    return position.unsqueeze(-1) + 1 >= block_sizes
+
+
+class LogMemory(nn.Module):
+    """Builds memory nodes and turns them into attention slots with a validity mask."""
+
+    def __init__(self, cfg: LMNConfig):
+        super().__init__()
+        self.n_bank = cfg.n_bank
+        self.max_levels = cfg.max_levels
+        self.summarize = make_summarizer(cfg)
+        self.expander = Expander(cfg.n_bank, cfg.n_embd, cfg.expand) if cfg.expand else None
+        self.slots_per_node = 1 + cfg.expand
+        sizes = torch.tensor([2**i for i in range(1, cfg.max_levels)], dtype=torch.int64)
+        self.register_buffer("block_sizes", sizes, persistent=False)  # (L-1,)
+
+    def tree(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Parallel mode: every complete aligned block's summary, per level i = 1..L-1.
+
+        h: (B, T, E) -> [(B, floor(T / 2^i), K, E) for each i]; block j covers tokens
+        [j*2^i, (j+1)*2^i - 1] and is summarize(its older half, its newer half).
+        """
+        B, T, E = h.shape
+        level = h.unsqueeze(2).expand(B, T, self.n_bank, E)  # (B, T, K, E) level 0 in every bank
+        levels = []
+        for _ in range(1, self.max_levels):
+            n = level.shape[1] // 2
+            pairs = level[:, : 2 * n].unflatten(1, (n, 2))  # (B, n, 2, K, E)
+            level = self.summarize(pairs[:, :, 0], pairs[:, :, 1])  # (B, n, K, E)
+            levels.append(level)
+        return levels
+
+    @staticmethod
+    def group(x: torch.Tensor, span: int) -> torch.Tensor:
+        """Positions grouped by the level block they see: (B, T, ...) -> (B, G, span, ...).
+
+        Group g holds positions t with floor((t+1)/span) = g, which see block g-1 (group 0: none);
+        G = floor(T/span) + 1. Padding rows are zeros and are dropped by `ungroup`.
+        """
+        B, T = x.shape[:2]
+        groups = T // span + 1
+        pad_front = x.new_zeros(B, 1, *x.shape[2:])
+        pad_back = x.new_zeros(B, groups * span - T - 1, *x.shape[2:])
+        return torch.cat([pad_front, x, pad_back], dim=1).unflatten(1, (groups, span))
+
+    @staticmethod
+    def ungroup(x: torch.Tensor, length: int) -> torch.Tensor:
+        """Inverse of `group`: (B, G, span, ...) -> (B, T, ...)."""
+        return x.flatten(1, 2)[:, 1 : length + 1]
+
+    @staticmethod
+    def blocks_by_group(blocks: torch.Tensor) -> torch.Tensor:
+        """(B, n, ...) blocks -> (B, n+1, ...) the block each `group` sees, zeros for group 0."""
+        return torch.cat([blocks.new_zeros(blocks.shape[0], 1, *blocks.shape[2:]), blocks], dim=1)
+
+    def last_nodes(self, h: torch.Tensor, tree: list[torch.Tensor]) -> torch.Tensor:
+        """The nodes after the last position of a parallel pass: (B, S, E), as `update` leaves them."""
+        B, T, E = h.shape
+        latest = [level[:, -1] if level.shape[1] else h.new_zeros(B, self.n_bank, E) for level in tree]
+        return torch.cat([h[:, -1:], *latest], dim=1)  # (B, S, E)
+
+    def update(self, h: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
+        """Sequential mode: the nodes after the token at `pointer`.
+
+        h: (B, E) this token's input; nodes: (B, S, E) after the previous token; pointer: (B,).
+        Level i is replaced by summarize(old level i-1, new level i-1) exactly when 2^i | t+1;
+        every level is computed and selected with `where`, so the graph has no data-dependent flow.
+        """
+        B, S, E = nodes.shape
+        flags = level_flags(pointer, self.block_sizes).unsqueeze(-1).unsqueeze(-1)  # (B, L-1, 1, 1)
+        old_levels = nodes[:, 1:].unflatten(1, (self.max_levels - 1, self.n_bank))  # (B, L-1, K, E)
+        older = nodes[:, 0].unsqueeze(1).expand(B, self.n_bank, E)  # (B, K, E) previous token
+        newer = h.unsqueeze(1).expand(B, self.n_bank, E)  # (B, K, E)
+        new_levels = []
+        for i in range(self.max_levels - 1):
+            summary = self.summarize(older, newer)  # (B, K, E)
+            newer, older = torch.where(flags[:, i], summary, old_levels[:, i]), old_levels[:, i]
+            new_levels.append(newer)
+        if not new_levels:
+            return h.unsqueeze(1)
+        return torch.cat([h.unsqueeze(1), torch.stack(new_levels, dim=1).flatten(1, 2)], dim=1)
+
+    def widen(self, summaries: torch.Tensor) -> torch.Tensor:
+        """Summary nodes to attention slots: (..., K, E) -> (..., K*X, E) (identity without expander)."""
+        if self.expander is None:
+            return summaries
+        return self.expander(summaries).flatten(-3, -2)
+
+    def slots(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Attention slots of a node set: (..., S, E) -> (..., A, E); level 0 first."""
+        summaries = nodes[..., 1:, :].unflatten(-2, (self.max_levels - 1, self.n_bank))  # (..., L-1, K, E)
+        return torch.cat([nodes[..., :1, :], self.widen(summaries).flatten(-3, -2)], dim=-2)
+
+    def valid(self, position: torch.Tensor) -> torch.Tensor:
+        """Which attention slots hold a complete block at `position`: (...) int64 -> (..., A) bool."""
+        valid = level_valid(position, self.block_sizes)  # (..., L-1)
+        valid = valid.repeat_interleave(self.n_bank * self.slots_per_node, dim=-1)  # (..., (L-1)*K*X)
+        return torch.cat([torch.ones_like(valid[..., :1]), valid], dim=-1)
