@@ -68,7 +68,7 @@ class SingleVectorAttention(nn.Module):
 
         Level 0 is always valid, so no row is empty.
         """
-        return torch.softmax(scores.masked_fill(~valid.unsqueeze(-1), float("-inf")), dim=-2)
+        return torch.softmax(torch.where(valid.unsqueeze(-1), scores, float("-inf")), dim=-2)
 
     @staticmethod
     def weigh(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,8 +101,8 @@ class LMNBlock(nn.Module):
         self.norm_ff = RMSNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.ff_mult)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, E) -> (B, T, E) and the nodes left after the last position (B, S, E).
+    def forward(self, x: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, E), last: (B,) -> (B, T, E) and the nodes left after position `last` (B, S, E).
 
         Level i's keys and values are computed once per block and met by the positions that see
         that block through `group` (no per-position copies); the softmax spans all levels at once.
@@ -127,7 +127,7 @@ class LMNBlock(nn.Module):
         for i, (w, v) in enumerate(zip(per_level[1:], values[1:]), start=1):
             mixed = mixed + memory.ungroup(attn.weigh(memory.group(w, 2**i), v.unsqueeze(2)), T)
         x = x + attn.output(mixed)
-        return x + self.ff(self.norm_ff(x)), memory.last_nodes(h, tree)
+        return x + self.ff(self.norm_ff(x)), memory.nodes_at(h, tree, last)
 
     def step(self, x: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, E), nodes: (B, S, E), pointer: (B,) -> x (B, E), nodes (B, S, E)."""
@@ -163,18 +163,24 @@ class LMN(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
 
-    def forward(self, tokens: torch.Tensor, return_state: bool = False):
-        """Parallel mode. tokens: (B, T) int64 -> logits (B, T, V) [, StepState after T tokens]."""
+    def forward(self, tokens: torch.Tensor, return_state: bool = False, lengths: torch.Tensor | None = None):
+        """Parallel mode. tokens: (B, T) int64 -> logits (B, T, V) [, StepState].
+
+        With `return_state`, also the state a stream has after its first `lengths` tokens (B,)
+        (default: all T), exactly what `step` would have left; later tokens do not affect it.
+        """
+        B, T = tokens.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=tokens.device)
         x = self.embed(tokens)  # (B, T, E)
-        last_nodes = []
+        memory = []
         for block in self.blocks:
-            x, nodes = block(x)
-            last_nodes.append(nodes)  # (B, S, E): exactly what a step at T-1 leaves behind
+            x, nodes = block(x, lengths - 1)
+            memory.append(nodes)  # (B, S, E)
         logits = self.head(self.norm_out(x))
         if not return_state:
             return logits
-        pointer = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
-        return logits, StepState(torch.stack(last_nodes, dim=1), pointer)
+        return logits, StepState(torch.stack(memory, dim=1), lengths)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StepState:
         """The empty state: zero memory, every pointer at 0. See StepState for the layout."""

@@ -27,9 +27,9 @@ def level_flags(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tenso
 
 
 def level_valid(position: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
-    """Whether each summary level holds a complete block at `position`: position + 1 >= 2^i.
+    """Whether a level of block size 2^i holds a complete block at `position`: position + 1 >= 2^i.
 
-    position: (...) int64 -> (..., L-1) bool.
+    position: (...) int64; block_sizes: (N,) int64 -> (..., N) bool.
     """
     return position.unsqueeze(-1) + 1 >= block_sizes
 
@@ -43,9 +43,11 @@ class LogMemory(nn.Module):
         self.max_levels = cfg.max_levels
         self.summarize = make_summarizer(cfg)
         self.expander = Expander(cfg.n_bank, cfg.n_embd, cfg.expand) if cfg.expand else None
-        self.slots_per_node = 1 + cfg.expand
         sizes = torch.tensor([2**i for i in range(1, cfg.max_levels)], dtype=torch.int64)
         self.register_buffer("block_sizes", sizes, persistent=False)  # (L-1,)
+        # Block size behind each attention slot (1 for level 0, which is always valid).
+        per_slot = torch.cat([torch.ones(1, dtype=torch.int64), sizes.repeat_interleave(cfg.n_bank * (1 + cfg.expand))])
+        self.register_buffer("slot_block_sizes", per_slot, persistent=False)  # (A,)
 
     def tree(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Parallel mode: every complete aligned block's summary, per level i = 1..L-1.
@@ -86,11 +88,20 @@ class LogMemory(nn.Module):
         """(B, n, ...) blocks -> (B, n+1, ...) the block each `group` sees, zeros for group 0."""
         return torch.cat([blocks.new_zeros(blocks.shape[0], 1, *blocks.shape[2:]), blocks], dim=1)
 
-    def last_nodes(self, h: torch.Tensor, tree: list[torch.Tensor]) -> torch.Tensor:
-        """The nodes after the last position of a parallel pass: (B, S, E), as `update` leaves them."""
-        B, T, E = h.shape
-        latest = [level[:, -1] if level.shape[1] else h.new_zeros(B, self.n_bank, E) for level in tree]
-        return torch.cat([h[:, -1:], *latest], dim=1)  # (B, S, E)
+    def nodes_at(self, h: torch.Tensor, tree: list[torch.Tensor], position: torch.Tensor) -> torch.Tensor:
+        """The nodes a step at `position` leaves behind, read off a parallel pass: (B, S, E).
+
+        h: (B, T, E); tree from `tree(h)`; position: (B,) int64 < T, one per row. Level i is the
+        block of group floor((position+1)/2^i) (zeros for group 0), as in `group`.
+        """
+        B, _, E = h.shape
+        rows = position.view(B, 1, 1).expand(B, 1, E)
+        nodes = [h.gather(1, rows)]  # (B, 1, E)
+        for i, level in enumerate(tree, start=1):
+            group = torch.div(position + 1, 2**i, rounding_mode="floor")  # exact: T < 2^24
+            index = group.view(B, 1, 1, 1).expand(B, 1, *level.shape[2:])
+            nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
+        return torch.cat(nodes, dim=1)  # (B, S, E)
 
     def update(self, h: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
         """Sequential mode: the nodes after the token at `pointer`.
@@ -99,11 +110,10 @@ class LogMemory(nn.Module):
         Level i is replaced by summarize(old level i-1, new level i-1) exactly when 2^i | t+1;
         every level is computed and selected with `where`, so the graph has no data-dependent flow.
         """
-        B, S, E = nodes.shape
         flags = level_flags(pointer, self.block_sizes).unsqueeze(-1).unsqueeze(-1)  # (B, L-1, 1, 1)
         old_levels = nodes[:, 1:].unflatten(1, (self.max_levels - 1, self.n_bank))  # (B, L-1, K, E)
-        older = nodes[:, 0].unsqueeze(1).expand(B, self.n_bank, E)  # (B, K, E) previous token
-        newer = h.unsqueeze(1).expand(B, self.n_bank, E)  # (B, K, E)
+        older = nodes[:, 0].unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E) previous token
+        newer = h.unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E)
         new_levels = []
         for i in range(self.max_levels - 1):
             summary = self.summarize(older, newer)  # (B, K, E)
@@ -126,6 +136,4 @@ class LogMemory(nn.Module):
 
     def valid(self, position: torch.Tensor) -> torch.Tensor:
         """Which attention slots hold a complete block at `position`: (...) int64 -> (..., A) bool."""
-        valid = level_valid(position, self.block_sizes)  # (..., L-1)
-        valid = valid.repeat_interleave(self.n_bank * self.slots_per_node, dim=-1)  # (..., (L-1)*K*X)
-        return torch.cat([torch.ones_like(valid[..., :1]), valid], dim=-1)
+        return level_valid(position, self.slot_block_sizes)

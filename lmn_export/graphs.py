@@ -1,0 +1,144 @@
+"""Thin wrappers that give the models' own `step` and parallel `forward` named graph I/O.
+
+Nothing here re-implements model math: each wrapper calls the model and only renames, casts
+integer dtypes for targets without int64 (Core ML), and flattens state dataclasses to tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models import GPT, LMN, GPTConfig, KVState, LMNConfig, StepState
+
+BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, or BATCH / TIME for symbolic axes
+    dtype: str  # numpy dtype name
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A state tensor that a step reads as `input` and returns as `output`."""
+
+    input: str
+    output: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    state: tuple[StateSpec, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "state": [{"input": s.input, "output": s.output, "layout": s.layout} for s in self.state],
+        }
+
+
+MEMORY_LAYOUT = (
+    "memory[b, layer, slot, :]: slot 0 is the last token's level-0 node (normed input); slot "
+    "1 + (i-1)*n_bank + k is bank k's level-i summary of tokens [(m-1)*2^i, m*2^i - 1], "
+    "m = floor(pointer/2^i); zeros while empty"
+)
+POINTER_LAYOUT = "pointer[b]: position of the next token of row b (tokens seen so far)"
+KV_LAYOUT = "{name}[b, layer, head, row, :]: the {what} of the token at position row (rows >= pointer unused)"
+
+
+def step_spec(cfg, int_dtype: str = "int64") -> GraphSpec:
+    """I/O of the single-token step graph of an LMN (memory) or GPT (KV cache) config."""
+    logits = TensorSpec("logits", (BATCH, cfg.vocab_size), "float32")
+    token = TensorSpec("token", (BATCH,), int_dtype)
+    pointer = TensorSpec("pointer", (BATCH,), int_dtype)
+    pointer_out = TensorSpec("pointer_out", (BATCH,), int_dtype)
+    if isinstance(cfg, LMNConfig):
+        memory_shape = (BATCH, cfg.n_layer, cfg.n_slots, cfg.n_embd)
+        return GraphSpec(
+            inputs=(token, TensorSpec("memory", memory_shape, "float32"), pointer),
+            outputs=(logits, TensorSpec("memory_out", memory_shape, "float32"), pointer_out),
+            state=(StateSpec("memory", "memory_out", MEMORY_LAYOUT), StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
+        )
+    cache_shape = (BATCH, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim)
+    return GraphSpec(
+        inputs=(token, TensorSpec("keys", cache_shape, "float32"), TensorSpec("values", cache_shape, "float32"), pointer),
+        outputs=(logits, TensorSpec("keys_out", cache_shape, "float32"),
+                 TensorSpec("values_out", cache_shape, "float32"), pointer_out),
+        state=(StateSpec("keys", "keys_out", KV_LAYOUT.format(name="keys", what="key")),
+               StateSpec("values", "values_out", KV_LAYOUT.format(name="values", what="value")),
+               StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
+    )
+
+
+def prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
+    """I/O of a prefill graph: up to `size` prompt tokens from the empty state (parallel mode).
+
+    tokens (B, size) holds each row's prompt left-aligned, padded with any valid id; length (B,)
+    says how many are real (1..size). Outputs the logits at position length-1 and the state
+    after `length` tokens, which equals that of `length` steps; padding never leaks in (causality).
+    """
+    memory_shape = (BATCH, cfg.n_layer, cfg.n_slots, cfg.n_embd)
+    return GraphSpec(
+        inputs=(TensorSpec("tokens", (BATCH, size), "int64"), TensorSpec("length", (BATCH,), "int64")),
+        outputs=(TensorSpec("logits", (BATCH, cfg.vocab_size), "float32"),
+                 TensorSpec("memory_out", memory_shape, "float32"),
+                 TensorSpec("pointer_out", (BATCH,), "int64")),
+    )
+
+
+class StepGraph(nn.Module):
+    """(token, memory, pointer) -> (logits, memory_out, pointer_out): the LMN's own `step`, named."""
+
+    def __init__(self, model: LMN, int_dtype: torch.dtype = torch.int64):
+        super().__init__()
+        self.model = model
+        self.int_dtype = int_dtype
+
+    def forward(self, token: torch.Tensor, memory: torch.Tensor, pointer: torch.Tensor):
+        logits, after = self.model.step(token.long(), StepState(memory, pointer.long()))
+        return logits, after.memory, after.pointer.to(self.int_dtype)
+
+
+class KVStepGraph(StepGraph):
+    """(token, keys, values, pointer) -> (logits, keys_out, values_out, pointer_out): GPT's `step`."""
+
+    def forward(self, token: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pointer: torch.Tensor):
+        logits, after = self.model.step(token.long(), KVState(keys, values, pointer.long()))
+        return logits, after.keys, after.values, after.pointer.to(self.int_dtype)
+
+
+def step_graph(model: LMN | GPT, int_dtype: torch.dtype = torch.int64) -> StepGraph:
+    return (StepGraph if isinstance(model, LMN) else KVStepGraph)(model, int_dtype).eval()
+
+
+class PrefillGraph(nn.Module):
+    """(tokens (B, P), length (B,)) -> logits at length-1 (B, V), memory_out, pointer_out."""
+
+    def __init__(self, model: LMN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, length: torch.Tensor):
+        logits, state = self.model(tokens, return_state=True, lengths=length)
+        last = (length - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+        return logits.gather(1, last).squeeze(1), state.memory, state.pointer
+
+
+def example_state(model: LMN | GPT, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """A batch of empty states as a flat tuple, in graph input order (pointer last)."""
+    state = model.init_state(batch)
+    if isinstance(model.config, GPTConfig):
+        return state.keys, state.values, state.pointer
+    return state.memory, state.pointer

@@ -1,0 +1,68 @@
+"""ONNX export of the step and prefill graphs (torch.onnx dynamo exporter)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from models import LMN, GPT
+from .graphs import BATCH, GraphSpec, PrefillGraph, example_state, step_graph, prefill_spec, step_spec
+
+DEFAULT_OPSET = 18
+MAX_BATCH = 4096
+log = logging.getLogger(__name__)
+
+
+class ExportError(Exception):
+    """An export that cannot be produced; the message says what to do."""
+
+
+def _dims(spec: GraphSpec) -> dict[str, dict[int, torch.export.Dim]]:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return {t.name: {i: batch for i, d in enumerate(t.shape) if d == BATCH} for t in spec.inputs}
+
+
+def _export(graph: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> None:
+    """Export, then make the file reproducible: fixed producer fields, no doc strings or file paths."""
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                graph.eval(), args, dynamo=True, opset_version=opset,
+                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=_dims(spec), optimize=True, verbose=False,
+            )
+        except Exception as e:  # the exporter raises many types; report the cause in one line
+            cause = e.__cause__ or e
+            raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(cause).__name__}: "
+                              f"{str(cause).strip().splitlines()[0]}") from e
+    proto = program.model_proto
+    proto.producer_name, proto.producer_version = "lmn_export", "1"
+    for node in proto.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    proto.doc_string = ""
+    del proto.metadata_props[:]
+    onnx.checker.check_model(proto)
+    path.write_bytes(proto.SerializeToString(deterministic=True))
+
+
+def export_step(model: LMN | GPT, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
+    spec = step_spec(model.config)
+    args = (torch.zeros(2, dtype=torch.int64), *example_state(model, 2))
+    _export(step_graph(model), args, spec, path, opset)
+    return spec
+
+
+def export_prefill(model: LMN, path: Path, size: int, opset: int = DEFAULT_OPSET) -> GraphSpec:
+    spec = prefill_spec(model.config, size)
+    args = (torch.zeros(2, size, dtype=torch.int64), torch.tensor([size, 1], dtype=torch.int64))
+    _export(PrefillGraph(model), args, spec, path, opset)
+    return spec

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny configs so the suite runs in minutes on two cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def corpus_text() -> str:
+    """The Tiny Shakespeare corpus; present in this project's CI, absent in a user's clone."""
+    if not CORPUS.is_file():
+        pytest.skip(f"needs the Tiny Shakespeare corpus at {CORPUS}")
+    return CORPUS.read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def small_text() -> str:
+    """A few KB of generated text with a small alphabet."""
+    words = ["the", "king", "shall", "speak", "and", "all", "hear", "him", "now", "o", "lord"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)).capitalize() + "." for i in range(300)]
+    return "\n".join(lines) + "\n"
