@@ -1,0 +1,87 @@
+"""`lmn-export`: a checkpoint to a validated export folder (ONNX and/or Core ML)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from models.checkpoint import CheckpointError
+from models.data import DataError
+from .export import DEFAULT_PREFILL_SIZES, ExportOptions, export
+from .onnx_export import DEFAULT_OPSET, ExportError
+from .validate import ValidationError
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter("give comma-separated token counts, e.g. 64,512,4096") from None
+    if any(s < 1 for s in sizes):
+        raise click.BadParameter("prefill sizes must be positive")
+    return sizes
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@click.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["onnx", "coreml", "all"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Export folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Core ML compute precision (fp16 for the Neural Engine).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write an int8 ONNX step graph.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@click.option("--stateful", is_flag=True, help="Also write an iOS 18 Core ML variant with fp16 StateType memory.")
+@click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
+@click.option("--prefill", "prefill", default=",".join(map(str, DEFAULT_PREFILL_SIZES)), show_default=True,
+              help="Prefill graph sizes in tokens (empty for none).")
+@click.option("--parity-tokens", type=int, default=512, show_default=True, help="Tokens streamed per parity check.")
+@click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
+@click.option("--force", is_flag=True, help="Replace an --out folder that is not an lmn export.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, prefill, parity_tokens, text, force, as_json):
+    """Export CHECKPOINT (default: the shipped model) as a stateful single-step graph, with parity."""
+    targets = ("onnx", "coreml") if target == "all" else (target,)
+    options = ExportOptions(targets=targets, precision=precision, quantize=quantize, opset=opset, stateful=stateful,
+                            atol=atol, prefill_sizes=_sizes(prefill), parity_tokens=parity_tokens, text=text, force=force)
+    say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
+    try:
+        result = export(checkpoint, out, options, progress=lambda m: say(f"... {m}"))
+    except (ExportError, ValidationError, CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps({"directory": str(result.directory), "passed": result.passed, **manifest}, indent=2))
+    else:
+        print_summary(result)
+    if not result.passed:
+        click.echo(f"parity FAILED: nothing was written to {out}", err=True)
+        sys.exit(1)
+
+
+def print_summary(result) -> None:
+    m = result.manifest
+    where = result.directory
+    click.echo(f"exported {m['model']['arch']} ({m['model']['n_embd']}-wide, {m['model']['n_layer']} layers, "
+               f"vocab {m['model']['vocab_size']}) to {where}")
+    for name, facts in m["files"].items():
+        click.echo(f"  {name:<28} {_human(facts['bytes']):>10}")
+    click.echo(f"  state per stream: {m['state_bytes_per_stream']:,} bytes (constant, any length)")
+    click.echo(f"parity vs PyTorch ({m['parity']['text']}):")
+    for r in result.reports:
+        status = "ok  " if r.passed else "FAIL"
+        gaps = ", ".join(f"{o.name} {o.max_abs_diff:.2g} (<= {o.atol:g})" for o in r.outputs)
+        click.echo(f"  {status} {r.graph:<22} {r.tokens} tokens x {r.batch} rows via {r.runner}: {gaps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Export a checkpoint to an export folder: graphs, parity reports and the `lmn.json` manifest.
+
+Everything is written to a temporary sibling folder and moved into place only after every
+parity check has passed, so a failed export never leaves a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import runtime.manifest as manifest_schema
+from models import LMN, GPTConfig, LMNConfig
+from models.checkpoint import CheckpointError, DEFAULT_CHECKPOINT, load, sha256
+from models.data import DataError
+from . import coreml_export, onnx_export
+from .graphs import BATCH, prefill_spec
+from .onnx_export import DEFAULT_OPSET, ExportError
+from .parity_text import parity_ids
+from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, ValidationError, check_names, prefill_parity,
+                       start_pointers, stream_parity, stream_tokens)
+
+log = logging.getLogger(__name__)
+TARGETS = ("onnx", "coreml")
+DEFAULT_PREFILL_SIZES = (64, 512, 4096)
+CORE_ML_MAX_LEVELS = 31  # block sizes 2^i must fit int32
+
+
+@dataclass
+class ExportOptions:
+    targets: tuple[str, ...] = ("onnx",)
+    precision: str = "fp32"
+    quantize: str | None = None
+    opset: int = DEFAULT_OPSET
+    stateful: bool = False
+    atol: float | None = None
+    prefill_sizes: tuple[int, ...] = DEFAULT_PREFILL_SIZES
+    parity_tokens: int = 512
+    text: str | None = None
+    force: bool = False
+    int8_min_agreement: float = 0.9
+    int8_max_loss_increase: float = 0.05
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: dict
+    reports: list[ParityReport] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+
+class OnnxPredictor:
+    """An onnxruntime session called with and returning dicts of numpy arrays."""
+
+    runner = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int = 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+
+def state_bytes(spec_dict: dict) -> int:
+    """Bytes of one stream's state (batch of 1) for a graph's state inputs."""
+    total = 0
+    for s in spec_dict["state"]:
+        tensor = next(t for t in spec_dict["inputs"] if t["name"] == s["input"])
+        dims = [d for d in tensor["shape"] if d != BATCH]
+        total += int(np.prod(dims, dtype=np.int64)) * np.dtype(tensor["dtype"]).itemsize
+    return total
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / manifest_schema.MANIFEST).is_file() and not force:
+        raise ExportError(f"{out} exists and is not an lmn export; choose another --out or pass --force to replace it")
+
+
+def check_exportable(model, options: ExportOptions) -> None:
+    cfg = model.config
+    unknown = set(options.targets) - set(TARGETS)
+    if unknown:
+        raise ExportError(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    if "coreml" in options.targets and isinstance(cfg, LMNConfig) and cfg.max_levels > CORE_ML_MAX_LEVELS:
+        raise ExportError(f"Core ML export supports max_levels <= {CORE_ML_MAX_LEVELS} (int32 block sizes); "
+                          f"this model has {cfg.max_levels}")
+    if options.precision not in coreml_export.PRECISIONS:
+        raise ExportError(f"--precision must be one of {coreml_export.PRECISIONS}")
+    if options.precision == "fp16" and "coreml" not in options.targets:
+        raise ExportError("--precision fp16 applies to Core ML; add --to coreml (ONNX stays fp32; see --quantize)")
+    if options.stateful and "coreml" not in options.targets:
+        raise ExportError("--stateful applies to Core ML; add --to coreml")
+    if options.quantize not in (None, "int8"):
+        raise ExportError("--quantize supports int8 only")
+    if options.quantize and "onnx" not in options.targets:
+        raise ExportError("--quantize int8 applies to ONNX; add --to onnx")
+    if options.parity_tokens < 1:
+        raise ExportError("--parity-tokens must be at least 1")
+
+
+def export(checkpoint: Path | str | None, out: Path | str, options: ExportOptions, progress=None) -> ExportResult:
+    """Export and validate; raises ExportError / ValidationError, or returns the result (check .passed)."""
+    progress = progress or (lambda message: log.info(message))
+    checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    out = Path(out)
+    check_output_dir(out, options.force)
+    model, vocab, meta = load(checkpoint)
+    check_exportable(model, options)
+    torch.manual_seed(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result = _export_into(work, model, vocab, checkpoint, options, progress)
+        if not result.passed:
+            return ExportResult(out, result.manifest, result.reports)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        result.directory = out
+        return result
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+
+
+def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
+    cfg = model.config
+    is_lmn = isinstance(model, LMN)
+    atol = options.atol
+    graphs, reports = [], []
+    text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
+
+    if "onnx" in options.targets:
+        progress("exporting ONNX step graph")
+        spec = onnx_export.export_step(model, work / "model.onnx", options.opset)
+        graphs.append({"name": "step", "target": "onnx", "file": "model.onnx", "precision": "fp32",
+                       "opset": options.opset, **spec.to_dict()})
+        progress(f"checking ONNX step parity over {options.parity_tokens} tokens")
+        predictor = OnnxPredictor(work / "model.onnx")
+        check_names(spec, predictor.input_names, predictor.output_names)
+        tokens = stream_tokens(model, text_ids, options.parity_tokens)
+        reports.append(stream_parity(model, predictor, spec, tokens, start_pointers(model, options.parity_tokens),
+                                     atol or FP32_ATOL, "onnx step", predictor.runner))
+        if is_lmn:
+            for size in options.prefill_sizes:
+                name = f"prefill_{size}.onnx"
+                progress(f"exporting ONNX prefill graph ({size} tokens)")
+                pspec = onnx_export.export_prefill(model, work / name, size, options.opset)
+                graphs.append({"name": "prefill", "target": "onnx", "file": name, "precision": "fp32",
+                               "opset": options.opset, "size": size, **pspec.to_dict()})
+                ppredictor = OnnxPredictor(work / name)
+                check_names(pspec, ppredictor.input_names, ppredictor.output_names)
+                ptokens = stream_tokens(model, text_ids, size)
+                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, [size, size // 2 + 1, 1],
+                                              atol or FP32_ATOL, f"onnx prefill {size}", ppredictor.runner))
+        if options.quantize == "int8":
+            from .quantize import quantize_int8
+
+            progress("quantizing ONNX step graph to int8")
+            report = quantize_int8(work / "model.onnx", work / "model.int8.onnx", text_ids, options)
+            graphs.append({"name": "step_int8", "target": "onnx", "file": "model.int8.onnx", "precision": "int8",
+                           "opset": options.opset, **spec.to_dict()})
+            reports.append(report)
+
+    if "coreml" in options.targets:
+        progress(f"exporting Core ML step graph ({options.precision})")
+        from .coreml_run import load_coreml
+
+        cspec = coreml_export.export_step(model, work / "model.mlpackage", options.precision)
+        graphs.append({"name": "step", "target": "coreml", "file": "model.mlpackage", "precision": options.precision,
+                       "minimum_deployment_target": "iOS16/macOS13", **cspec.to_dict()})
+        predictor, runner = load_coreml(work / "model.mlpackage")
+        steps = options.parity_tokens
+        progress(f"checking Core ML parity over {steps} tokens with {runner}")
+        tokens = stream_tokens(model, text_ids, steps)
+        bound = atol or (FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
+        reports.append(stream_parity(model, predictor, cspec, tokens, start_pointers(model, steps, 2**31 - 1),
+                                     bound, f"coreml step ({options.precision})", runner))
+        if options.stateful:
+            progress("exporting Core ML stateful (iOS 18) step graph")
+            sspec = coreml_export.export_stateful_step(model, work / "model.stateful.mlpackage")
+            graphs.append({"name": "step_stateful", "target": "coreml", "file": "model.stateful.mlpackage",
+                           "precision": "fp16", "minimum_deployment_target": "iOS18/macOS15",
+                           "validated": False, **sspec.to_dict(),
+                           "note": "memory is an fp16 Core ML StateType (batch 1) updated in place; "
+                                   "no parity run on Linux (MIL value inference has no state ops)"})
+
+    files = {}
+    for entry in graphs:
+        path = work / entry["file"]
+        files[entry["file"]] = {"sha256": manifest_schema.file_digest(path), "bytes": manifest_schema.file_size(path)}
+    step = next(g for g in graphs if g["name"] == "step")
+    manifest = {
+        "format": manifest_schema.FORMAT,
+        "format_version": manifest_schema.FORMAT_VERSION,
+        "created_by": "lmn_export 0.1.0",
+        "model": cfg.to_dict(),
+        "vocab": "".join(vocab.chars),
+        "state_bytes_per_stream": state_bytes(step),
+        "graphs": graphs,
+        "files": files,
+        "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
+        "parity": {"text": text_source, "reports": [r.to_dict() for r in reports]},
+    }
+    (work / manifest_schema.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ExportResult(work, manifest, reports)
