@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from models import LMN, GPT, LMNConfig, StepState
-from .graphs import BATCH, GraphSpec, example_state, step_graph, step_spec
+from .graphs import (BATCH, MEMORY_LAYOUT, POINTER_LAYOUT, GraphSpec, StateSpec, TensorSpec, example_state,
+                     step_graph, step_spec)
 from .onnx_export import MAX_BATCH, ExportError
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,19 @@ class _StatefulStep(nn.Module):
 
     def forward(self, token: torch.Tensor, pointer: torch.Tensor):
         logits, after = self.model.step(token.long(), StepState(self.memory.float(), pointer.long()))
-        self.memory.copy_(after.memory.half())
+        self.memory[:] = after.memory.half()
         return logits, after.pointer.int()
 
 
 def stateful_spec(cfg: LMNConfig) -> GraphSpec:
-    full = step_spec(cfg, int_dtype="int32")
-    keep = {"token", "pointer", "logits", "pointer_out"}
+    """The step's I/O with `memory` as an fp16 state of batch 1 (validation reads it back as memory_out)."""
+    shape = (1, cfg.n_layer, cfg.n_slots, cfg.n_embd)
     return GraphSpec(
-        inputs=tuple(t for t in full.inputs if t.name in keep),
-        outputs=tuple(t for t in full.outputs if t.name in keep),
+        inputs=(TensorSpec("token", (1,), "int32"), TensorSpec("memory", shape, "float16"), TensorSpec("pointer", (1,), "int32")),
+        outputs=(TensorSpec("logits", (1, cfg.vocab_size), "float32"), TensorSpec("memory_out", shape, "float16"),
+                 TensorSpec("pointer_out", (1,), "int32")),
+        state=(StateSpec("memory", "memory_out", MEMORY_LAYOUT + " (Core ML StateType, fp16)"),
+               StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
     )
 
 
@@ -129,7 +133,7 @@ def export_stateful_step(model: LMN, path: Path) -> GraphSpec:
             mlmodel = ct.convert(
                 traced, inputs=[ct.TensorType("token", shape=(1,), dtype=np.int32),
                                 ct.TensorType("pointer", shape=(1,), dtype=np.int32)],
-                outputs=[ct.TensorType("logits"), ct.TensorType("pointer_out")], states=[state],
+                outputs=[ct.TensorType("logits", dtype=np.float32), ct.TensorType("pointer_out")], states=[state],
                 convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16,
             )

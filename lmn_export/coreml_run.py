@@ -23,6 +23,7 @@ MIL = "coremltools MIL value inference (Linux)"
 
 _REFERENCE_KERNELS = {
     "silu": lambda op: op.x.val / (1 + np.exp(-op.x.val)),
+    "read_state": lambda op: op.input.val,
 }
 
 
@@ -55,11 +56,21 @@ class MILProgram:
         var._sym_val = SimpleNamespace(val=value)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; a state input `s` (StateType) is read from inputs and returned as `s_out`."""
+        states = {}
         for name, var in self.function.inputs.items():
             if name not in inputs:
                 raise ExportError(f"Core ML program needs input {name!r}")
-            self._assign(var, inputs[name])
+            if self._types.is_state(var.sym_type):
+                states[name] = np.asarray(inputs[name]).astype(self._types.nptype_from_builtin(var.dtype))
+                var._sym_val = SimpleNamespace(val=states[name])
+            else:
+                self._assign(var, inputs[name])
         for op in self.ops:
+            if op.op_type == "coreml_update_state":
+                states[op.state.name] = op.value.val
+                self._assign(op.outputs[0], op.value.val)
+                continue
             kernel = _REFERENCE_KERNELS.get(op.op_type)
             try:
                 out = kernel(op) if kernel else op.value_inference()
@@ -67,7 +78,8 @@ class MILProgram:
                 raise ExportError(f"no value inference for Core ML op {op.op_type!r}; validate on macOS") from e
             for var, value in zip(op.outputs, out if isinstance(out, tuple) else (out,)):
                 self._assign(var, value)
-        return {v.name: np.array(v.val) for v in self.function.outputs}
+        outputs = {v.name: np.array(v.val) for v in self.function.outputs}
+        return {**outputs, **{f"{name}_out": value for name, value in states.items()}}
 
 
 class MLModelPredictor:
@@ -78,7 +90,16 @@ class MLModelPredictor:
         self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in self.model.predict(inputs).items()}
+        """As MILProgram.predict: a StateType input `s` is written before and read back as `s_out`."""
+        state_names = [s.name for s in self.model.get_spec().description.state]
+        if not state_names:
+            return {k: np.asarray(v) for k, v in self.model.predict(inputs).items()}
+        state = self.model.make_state()
+        for name in state_names:
+            state.write_state(name, inputs[name])
+        plain = {k: v for k, v in inputs.items() if k not in state_names}
+        outputs = {k: np.asarray(v) for k, v in self.model.predict(plain, state=state).items()}
+        return {**outputs, **{f"{name}_out": np.asarray(state.read_state(name)) for name in state_names}}
 
 
 def load_coreml(path: Path | str):

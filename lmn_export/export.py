@@ -200,10 +200,13 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             progress("exporting Core ML stateful (iOS 18) step graph")
             sspec = coreml_export.export_stateful_step(model, work / "model.stateful.mlpackage")
             graphs.append({"name": "step_stateful", "target": "coreml", "file": "model.stateful.mlpackage",
-                           "precision": "fp16", "minimum_deployment_target": "iOS18/macOS15",
-                           "validated": False, **sspec.to_dict(),
-                           "note": "memory is an fp16 Core ML StateType (batch 1) updated in place; "
-                                   "no parity run on Linux (MIL value inference has no state ops)"})
+                           "precision": "fp16", "minimum_deployment_target": "iOS18/macOS15", **sspec.to_dict(),
+                           "note": "memory is a Core ML StateType (fp16, batch 1) updated in place: no state "
+                                   "copy per token, but fp16 memory and no explicit state to save or branch"})
+            spredictor, runner = load_coreml(work / "model.stateful.mlpackage")
+            for pointer in start_pointers(model, steps, 2**31 - 1):  # batch 1: one stream per start
+                reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], atol or FP16_ATOL,
+                                             f"coreml stateful @{pointer}", runner))
 
     files = {}
     for entry in graphs:

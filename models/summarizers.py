@@ -42,6 +42,7 @@ class ConvSummarizer(nn.Module):
     def __init__(self, n_bank: int, n_embd: int):
         super().__init__()
         width = n_bank * n_embd
+        self.n_bank = n_bank
         self.weight = _uniform((2 * width, width), 2 * width)
         self.bias = _uniform((width,), 2 * width)
 
@@ -49,7 +50,7 @@ class ConvSummarizer(nn.Module):
         """older, newer: (N, K, E) -> (N, K, E)."""
         pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
         out = pair @ self.weight + self.bias  # (N, K*E)
-        return out.unflatten(-1, older.shape[-2:])  # (N, K, E)
+        return out.unflatten(-1, (self.n_bank, -1))  # (N, K, E)
 
 
 class DepthwiseSeparableSummarizer(nn.Module):
