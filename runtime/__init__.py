@@ -1,5 +1,21 @@
-"""The on-device LMN runtime: numpy and onnxruntime only (never torch)."""
+"""The on-device LMN runtime: numpy and onnxruntime only (never torch).
 
+    import runtime
+    model = runtime.load()            # an export folder; the shipped default when omitted
+    stream = runtime.Stream(model)
+    stream.feed("ROMEO:\n")
+    for char in stream.generate(200, temperature=0.8, seed=1):
+        print(char, end="", flush=True)
+"""
+
+from .backends import BackendError
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ManifestError, read_manifest
+from .model import DEFAULT_EXPORT, ExportedModel, load
+from .state_file import StateFileError
+from .stream import Stream
+from .vocab import UnknownCharacterError, Vocab
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "Manifest", "ManifestError", "read_manifest"]
+__all__ = [
+    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ExportedModel", "Manifest", "ManifestError",
+    "StateFileError", "Stream", "UnknownCharacterError", "Vocab", "load", "read_manifest",
+]

@@ -1,0 +1,112 @@
+"""Step executors: one per stream, sharing the loaded model's session.
+
+A stepper owns one stream's state buffers. The onnxruntime stepper binds them once as OrtValues
+that share memory with numpy arrays and ping-pongs between two sets (inputs A -> outputs B, then
+B -> A), so a step copies no state: it writes one token id and reads the logits buffer.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+
+ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here; the message says what to use instead."""
+
+
+def empty_state(graph: dict, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero state for a step graph's state inputs (the empty stream at pointer 0)."""
+    inputs = {t["name"]: t for t in graph["inputs"]}
+    state = {}
+    for s in graph["state"]:
+        t = inputs[s["input"]]
+        shape = [batch if d == "batch" else d for d in t["shape"]]
+        state[s["input"]] = np.zeros(shape, dtype=ORT_DTYPES[t["dtype"]])
+    return state
+
+
+class OnnxStepper:
+    """One stream (batch 1) on an onnxruntime step session, through IO binding."""
+
+    def __init__(self, session, graph: dict):
+        import onnxruntime as ort
+
+        self.session = session
+        self.graph = graph
+        self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
+        self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
+        self.token = np.zeros(1, dtype=self.token_dtype)
+        logits_spec = next(t for t in graph["outputs"] if t["name"] == "logits")
+        self.logits = np.zeros((1, logits_spec["shape"][1]), dtype=np.float32)
+        self.buffers = [empty_state(graph), empty_state(graph)]  # ping-pong state sets
+        self.current = 0
+        values = lambda arrays: {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # noqa: E731
+        token_value, logits_value = ort.OrtValue.ortvalue_from_numpy(self.token), ort.OrtValue.ortvalue_from_numpy(self.logits)
+        ort_sets = [values(b) for b in self.buffers]
+        self.bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(graph["inputs"][0]["name"], token_value)
+            for name, out in self.pairs:
+                binding.bind_ortvalue_input(name, ort_sets[src][name])
+                binding.bind_ortvalue_output(out, ort_sets[dst][name])
+            binding.bind_ortvalue_output("logits", logits_value)
+            self.bindings.append(binding)
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state arrays (live views; copy before keeping them)."""
+        return self.buffers[self.current]
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        for name, value in state.items():
+            np.copyto(self.buffers[self.current][name], value, casting="same_kind")
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token id; returns the logits (V,) (a view, valid until the next step)."""
+        self.token[0] = token
+        self.session.run_with_iobinding(self.bindings[self.current])
+        self.current ^= 1
+        return self.logits[0]
+
+
+class CoreMLStepper:
+    """One stream through Core ML's `MLModel.predict` (macOS only), explicit fp32 state I/O."""
+
+    def __init__(self, mlmodel, graph: dict):
+        self.model = mlmodel
+        self.graph = graph
+        self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
+        self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
+        self._state = empty_state(graph)
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return self._state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        for name, value in state.items():
+            self._state[name] = np.asarray(value, dtype=self._state[name].dtype).copy()
+
+    def step(self, token: int) -> np.ndarray:
+        out = self.model.predict({"token": np.array([token], dtype=self.token_dtype), **self._state})
+        self._state = {name: np.asarray(out[o], dtype=self._state[name].dtype) for name, o in self.pairs}
+        return np.asarray(out["logits"], dtype=np.float32)[0]
+
+
+def load_coreml_model(path: str):
+    """The Core ML model at `path`, or a BackendError off macOS."""
+    if platform.system() != "Darwin":
+        raise BackendError(
+            f"the Core ML backend runs only on macOS (this is {platform.system()}); "
+            "use backend='onnxruntime' here, or run on a Mac"
+        )
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise BackendError("the Core ML backend needs coremltools: pip install coremltools") from None
+    return ct.models.MLModel(path, compute_units=ct.ComputeUnit.ALL)
