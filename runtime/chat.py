@@ -26,12 +26,14 @@ Ctrl-C stops a reply and keeps the session; Ctrl-D exits."""
 
 
 class Chat:
-    def __init__(self, stream: Stream, max_tokens: int, temperature: float, top_k, top_p, seed, out=sys.stdout):
+    def __init__(self, stream: Stream, max_tokens: int, temperature: float, top_k, top_p, seed,
+                 stop=("\n\n",), out=sys.stdout):
         self.stream = stream
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p
         self.seed = seed
+        self.stop = tuple(s for s in stop if s)
         self.turn = 0
         self.out = out
 
@@ -80,7 +82,7 @@ class Chat:
         self.turn += 1
         try:
             for char in self.stream.generate(self.max_tokens, self.temperature, self.top_k, self.top_p, seed,
-                                             stop=("\n\n",)):
+                                             stop=self.stop):
                 self.out.write(char)
                 self.out.flush()
         except KeyboardInterrupt:
@@ -113,12 +115,14 @@ class Chat:
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, default=["\n\n"], show_default=True,
+              help="End a reply after this text (repeatable; '' for none).")
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "coreml"]), default="onnxruntime", show_default=True)
 @click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="What to do with characters the model does not know.")
 @click.option("--json", "as_json", is_flag=True, help="Non-interactive: print a JSON object instead of text.")
-def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, threads, backend, unknown, as_json):
+def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, stop, threads, backend, unknown, as_json):
     """Chat with an exported LMN (DIRECTORY, default: the shipped model), streaming each character."""
     try:
         model = load(directory, threads=threads, backend=backend, unknown=unknown)
@@ -128,7 +132,7 @@ def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, threads
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is None:
-        Chat(stream, max_tokens, temperature, top_k, top_p, seed).repl()
+        Chat(stream, max_tokens, temperature, top_k, top_p, seed, stop).repl()
         return
     try:
         stream.feed(prompt)
