@@ -151,6 +151,17 @@ def train(
     return losses
 
 
+def evaluate_checkpoint(text: str, out: Path, settings: TrainSettings) -> dict[str, float]:
+    """Evaluate a saved checkpoint on `text` (same split and block) and record the result beside it."""
+    model, vocab, meta = load(out)
+    corpus = Corpus.from_text(text, vocab)
+    corpus.check_block(settings.block)
+    losses = evaluate(model, corpus, settings)
+    meta["training"][f"eval_{settings.eval_batches}_batches"] = {f"{k}_loss": round(v, 4) for k, v in losses.items()}
+    save(out, model, vocab, meta["training"])
+    return losses
+
+
 @click.command()
 @click.option("--data", "source", required=True, help="UTF-8 text file or http(s) URL.")
 @click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default="logmem-32", show_default=True)
@@ -164,8 +175,11 @@ def train(
 @click.option("--threads", type=int, default=None, help="CPU threads per process (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
+@click.option("--evaluate", "evaluate_only", is_flag=True,
+              help="Only evaluate the checkpoint in --out over --eval-batches batches per split and record it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
-def main(source, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume, as_json):
+def main(source, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
+         evaluate_only, as_json):
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
     dist = Distributed.from_env()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // dist.world_size))
@@ -174,11 +188,16 @@ def main(source, preset_name, steps, batch, block, lr, seed, eval_interval, eval
     try:
         if resume and not (out / CONFIG).is_file():
             raise CheckpointError(f"--resume: {out} holds no checkpoint; drop --resume to start one")
-        if not resume and (out / CONFIG).is_file():
+        if evaluate_only and not (out / CONFIG).is_file():
+            raise CheckpointError(f"--evaluate: {out} holds no checkpoint")
+        if not resume and not evaluate_only and (out / CONFIG).is_file():
             raise CheckpointError(f"{out} already holds a checkpoint; pass --resume or choose another --out")
         text = load_text(source)
-        out.mkdir(parents=True, exist_ok=True)
-        losses = train(text, out, preset_name, settings, resume=resume, dist=dist)
+        if evaluate_only:
+            losses = evaluate_checkpoint(text, out, settings)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            losses = train(text, out, preset_name, settings, resume=resume, dist=dist)
     except (DataError, CheckpointError, ConfigError) as e:
         raise click.ClickException(str(e)) from None
     finally:

@@ -44,6 +44,15 @@ def test_train_writes_checkpoint_and_log(tmp_path, text_file, small_text):
     assert meta["training"]["step"] == 6 and meta["training"]["preset"] == "tinylogmem-32"
 
 
+def test_evaluate_records_losses(tmp_path, text_file):
+    out = tmp_path / "run"
+    train("--data", str(text_file), "--steps", "3", "--out", str(out), *QUICK)
+    result = train("--data", str(text_file), "--out", str(out), "--evaluate", "--json", *QUICK)
+    assert result.exit_code == 0, result.output
+    _, _, meta = load(out)
+    assert meta["training"]["eval_2_batches"]["val_loss"] == pytest.approx(json.loads(result.output)["val_loss"], abs=1e-4)
+
+
 def test_resume_continues_to_more_steps(tmp_path, text_file):
     out = tmp_path / "run"
     assert train("--data", str(text_file), "--steps", "3", "--out", str(out), *QUICK).exit_code == 0
