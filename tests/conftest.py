@@ -6,6 +6,13 @@ from pathlib import Path
 
 import pytest
 
+try:  # tiny test models gain nothing from intra-op threads; one thread cuts per-op overhead ~2x
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # a runtime-only install
+    pass
+
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
