@@ -142,3 +142,30 @@ def example_state(model: LMN | GPT, batch: int = 2) -> tuple[torch.Tensor, ...]:
     if isinstance(model.config, GPTConfig):
         return state.keys, state.values, state.pointer
     return state.memory, state.pointer
+
+
+class KVRowsGraph(nn.Module):
+    """Benchmark layout: (token, keys, values, pointer) -> (logits, key_rows, value_rows) (B, N, H, D).
+
+    The caches are read only; the caller writes the rows at `pointer` into its preallocated
+    cache in place, so no step copies the cache.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, keys, values, pointer):
+        return self.model.step_layout(token, keys, values, pointer, "rows")
+
+
+class KVConcatGraph(nn.Module):
+    """Benchmark layout: (token, past_keys, past_values) -> (logits, present_keys, present_values)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, past_keys, past_values):
+        pointer = torch.full_like(token, past_keys.shape[3])
+        return self.model.step_layout(token, past_keys, past_values, pointer, "concat")

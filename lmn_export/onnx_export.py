@@ -66,3 +66,29 @@ def export_prefill(model: LMN, path: Path, size: int, opset: int = DEFAULT_OPSET
     args = (torch.zeros(2, size, dtype=torch.int64), torch.tensor([size, 1], dtype=torch.int64))
     _export(PrefillGraph(model), args, spec, path, opset)
     return spec
+
+
+def export_kv_layout(model: GPT, path: Path, layout: str, opset: int = DEFAULT_OPSET) -> None:
+    """The GPT step in the benchmark's "rows" (in-place cache) or "concat" (growing cache) layout."""
+    from .graphs import KVConcatGraph, KVRowsGraph
+
+    cfg = model.config
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    token = torch.zeros(2, dtype=torch.int64)
+    if layout == "rows":
+        cache = torch.zeros(2, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim)
+        graph, args = KVRowsGraph(model), (token, cache, cache.clone(), torch.tensor([3, 5]))
+        names = (["token", "keys", "values", "pointer"], ["logits", "key_rows", "value_rows"])
+        dims = {"token": {0: batch}, "keys": {0: batch}, "values": {0: batch}, "pointer": {0: batch}}
+    else:
+        past = torch.export.Dim("past", min=1, max=cfg.block_size - 1)
+        cache = torch.zeros(2, cfg.n_layer, cfg.n_head, 7, cfg.head_dim)
+        graph, args = KVConcatGraph(model), (token, cache, cache.clone())
+        names = (["token", "past_keys", "past_values"], ["logits", "present_keys", "present_values"])
+        dims = {"token": {0: batch}, "past_keys": {0: batch, 3: past}, "past_values": {0: batch, 3: past}}
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph.eval(), args, dynamo=True, opset_version=opset, input_names=names[0],
+                                    output_names=names[1], dynamic_shapes=dims, optimize=True)
+    program.save(str(path))

@@ -32,18 +32,45 @@ class CausalSelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).flatten(-2))
 
+    def attend(self, q: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Softmax-weighted values: scores (B, H, 1, C) already masked, values (B, H, C, D) -> (B, E)."""
+        return self.out_proj((torch.softmax(scores, dim=-1) @ values).squeeze(2).flatten(-2))
+
+    def scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q (B, H, D) against keys (B, H, C, D) -> (B, H, 1, C)."""
+        return (q.unsqueeze(2) @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+
     def step(self, x, keys, values, pointer):
-        """x: (B, E); keys/values: (B, H, C, D) -> (B, E), keys, values with row `pointer` written."""
+        """Full-cache layout. x: (B, E); keys/values: (B, H, C, D) -> (B, E), caches with row `pointer` set."""
         q, k, v = self.split(x)  # (B, H, D)
         rows = torch.arange(keys.shape[2], device=x.device)  # (C,)
         here = (rows == pointer.unsqueeze(-1)).unsqueeze(1).unsqueeze(-1)  # (B, 1, C, 1)
         keys = torch.where(here, k.unsqueeze(2), keys)
         values = torch.where(here, v.unsqueeze(2), values)
         seen = (rows <= pointer.unsqueeze(-1)).unsqueeze(1).unsqueeze(1)  # (B, 1, 1, C)
-        scores = (q.unsqueeze(2) @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, 1, C)
-        scores = scores.masked_fill(~seen, float("-inf"))
-        out = (torch.softmax(scores, dim=-1) @ values).squeeze(2)  # (B, H, D)
-        return self.out_proj(out.flatten(-2)), keys, values
+        scores = torch.where(seen, self.scores(q, keys), float("-inf"))
+        return self.attend(q, scores, values), keys, values
+
+    def step_rows(self, x, keys, values, pointer):
+        """Read-only cache layout: the caller writes the returned rows into its cache in place.
+
+        x: (B, E); keys/values: (B, H, C, D), rows < pointer valid -> (B, E), k and v rows (B, H, D).
+        """
+        q, k, v = self.split(x)
+        rows = torch.arange(keys.shape[2], device=x.device)
+        seen = (rows < pointer.unsqueeze(-1)).unsqueeze(1).unsqueeze(1)  # (B, 1, 1, C)
+        cached = torch.where(seen, self.scores(q, keys), float("-inf"))  # (B, H, 1, C)
+        own = self.scores(q, k.unsqueeze(2))  # (B, H, 1, 1)
+        weights = torch.softmax(torch.cat([cached, own], dim=-1), dim=-1)  # no copy of the cache itself
+        mixed = weights[..., :-1] @ values + weights[..., -1:] * v.unsqueeze(2)  # (B, H, 1, D)
+        return self.out_proj(mixed.squeeze(2).flatten(-2)), k, v
+
+    def step_concat(self, x, past_keys, past_values):
+        """Concat layout (what common exporters produce): past (B, H, T, D) -> present (B, H, T+1, D)."""
+        q, k, v = self.split(x)
+        keys = torch.cat([past_keys, k.unsqueeze(2)], dim=2)
+        values = torch.cat([past_values, v.unsqueeze(2)], dim=2)
+        return self.attend(q, self.scores(q, keys), values), keys, values
 
 
 class GPTBlock(nn.Module):
@@ -58,8 +85,15 @@ class GPTBlock(nn.Module):
         x = x + self.attn(self.ln_attn(x))
         return x + self.ff(self.ln_ff(x))
 
-    def step(self, x, keys, values, pointer):
-        out, keys, values = self.attn.step(self.ln_attn(x), keys, values, pointer)
+    def step(self, x, keys, values, pointer, layout: str = "full"):
+        """One token through the block; `layout` picks the attention's cache formulation."""
+        h = self.ln_attn(x)
+        if layout == "full":
+            out, keys, values = self.attn.step(h, keys, values, pointer)
+        elif layout == "rows":
+            out, keys, values = self.attn.step_rows(h, keys, values, pointer)
+        else:
+            out, keys, values = self.attn.step_concat(h, keys, values)
         x = x + out
         return x + self.ff(self.ln_ff(x)), keys, values
 
@@ -104,11 +138,17 @@ class GPT(nn.Module):
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             if bool((state.pointer >= self.config.block_size).any()):
                 raise ValueError(f"KV cache is full ({self.config.block_size} tokens); start a new stream")
-        x = self.embed(tokens) + self.positions(state.pointer)
-        keys, values = [], []
+        logits, keys, values = self.step_layout(tokens, state.keys, state.values, state.pointer, "full")
+        return logits, KVState(keys, values, state.pointer + 1)
+
+    def step_layout(self, tokens, keys, values, pointer, layout: str):
+        """The step under a cache layout (see CausalSelfAttention): "full" returns whole caches with
+        row `pointer` set, "rows" returns only the new rows (B, N, H, D) for an in-place update,
+        "concat" takes past caches (B, N, H, T, D) with T = pointer and returns them one row longer."""
+        x = self.embed(tokens) + self.positions(pointer)
+        new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
-            x, k, v = block.step(x, state.keys[:, layer], state.values[:, layer], state.pointer)
-            keys.append(k)
-            values.append(v)
-        logits = self.head(self.norm_out(x))
-        return logits, KVState(torch.stack(keys, 1), torch.stack(values, 1), state.pointer + 1)
+            x, k, v = block.step(x, keys[:, layer], values[:, layer], pointer, layout)
+            new_keys.append(k)
+            new_values.append(v)
+        return self.head(self.norm_out(x)), torch.stack(new_keys, 1), torch.stack(new_values, 1)

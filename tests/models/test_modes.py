@@ -106,3 +106,26 @@ def test_modes_agree_far_beyond_top_level():
     """Parallel mode caps levels like the step does, so they agree for T >> 2^(max_levels-1)."""
     model = make(dataclasses.replace(TINY, max_levels=5))
     assert_modes_agree(model, T=2000, batch=1)
+
+
+@pytest.mark.parametrize("layout", ["rows", "concat"])
+def test_gpt_cache_layouts_agree(layout):
+    """The benchmark's in-place-rows and concat KV layouts compute the same logits as the full-cache step."""
+    from models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=2, block_size=40)).eval()
+    tokens = torch.randint(11, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parallel = model(tokens)
+        state = model.init_state(2)
+        keys = state.keys[:, :, :, :0] if layout == "concat" else state.keys.clone()
+        values = keys.clone()
+        for t in range(40):
+            pointer = torch.full((2,), t)
+            logits, k, v = model.step_layout(tokens[:, t], keys, values, pointer, layout)
+            if layout == "concat":
+                keys, values = k, v
+            else:
+                keys[:, :, :, t], values[:, :, :, t] = k, v  # the caller's in-place row write
+            torch.testing.assert_close(logits, parallel[:, t], atol=ATOL, rtol=0)
