@@ -79,7 +79,8 @@ def export_kv_layout(model: GPT, path: Path, layout: str, opset: int = DEFAULT_O
         cache = torch.zeros(2, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim)
         graph, args = KVRowsGraph(model), (token, cache, cache.clone(), torch.tensor([3, 5]))
         names = (["token", "keys", "values", "pointer"], ["logits", "key_rows", "value_rows"])
-        dims = {"token": {0: batch}, "keys": {0: batch}, "values": {0: batch}, "pointer": {0: batch}}
+        rows = torch.export.Dim("capacity", min=2, max=cfg.block_size)  # sized per stream by the caller
+        dims = {"token": {0: batch}, "keys": {0: batch, 3: rows}, "values": {0: batch, 3: rows}, "pointer": {0: batch}}
     else:
         past = torch.export.Dim("past", min=1, max=cfg.block_size - 1)
         cache = torch.zeros(2, cfg.n_layer, cfg.n_head, 7, cfg.head_dim)

@@ -1,0 +1,459 @@
+"""`lmn-bench`: LMN vs a same-size GPT-2 with a KV cache, decoding through onnxruntime on this CPU.
+
+Everything is measured in one process, one run, side by side, so ratios are meaningful on a
+noisy machine. Embedded-style defaults: one thread, one stream, warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+import runtime
+from runtime.backends import OnnxStepper
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+GPT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "baselines" / "gpt2-32"
+QUALITY_WINDOWS = ((0, 512), (512, 4096), (4096, 16384), (16384, 1 << 62))
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process (Linux /proc), else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if platform.system() == "Darwin" else peak * 1024
+
+
+@dataclass
+class Timing:
+    """Per-token latencies (microseconds) over several repetitions."""
+
+    samples: list[list[float]]
+
+    def summary(self) -> dict:
+        flat = np.concatenate([np.asarray(s) for s in self.samples])
+        medians = [float(np.median(s)) for s in self.samples]
+        return {"p50_us": float(np.percentile(flat, 50)), "p99_us": float(np.percentile(flat, 99)),
+                "tokens_per_s": 1e6 / float(np.mean(flat)),
+                "rep_median_us_min": min(medians), "rep_median_us_max": max(medians), "n_tokens": int(flat.size)}
+
+
+def time_steps(step, tokens: list[int], reps: int, warmup: int) -> Timing:
+    for t in tokens[:warmup]:
+        step(t)
+    samples = []
+    per_rep = (len(tokens) - warmup) // reps
+    clock = time.perf_counter_ns
+    for r in range(reps):
+        lat = []
+        for t in tokens[warmup + r * per_rep: warmup + (r + 1) * per_rep]:
+            began = clock()
+            step(t)
+            lat.append((clock() - began) / 1e3)
+        samples.append(lat)
+    return Timing(samples)
+
+
+class KVRowsStepper:
+    """GPT decode with a preallocated cache updated in place: the strongest KV baseline here.
+
+    Cache buffers are bound once (IO binding, shared with numpy); each step the graph returns only
+    the new key/value rows, which are written into the cache at the pointer (no cache copy).
+    """
+
+    def __init__(self, session, cfg: dict, capacity: int):
+        import onnxruntime as ort
+
+        shape = (1, cfg["n_layer"], cfg["n_head"], capacity, cfg["n_embd"] // cfg["n_head"])
+        self.keys = np.zeros(shape, np.float32)
+        self.values = np.zeros(shape, np.float32)
+        self.token = np.zeros(1, np.int64)
+        self.pointer = np.zeros(1, np.int64)
+        self.logits = np.zeros((1, cfg["vocab_size"]), np.float32)
+        self.key_rows = np.zeros(shape[:3] + shape[4:], np.float32)
+        self.value_rows = np.zeros_like(self.key_rows)
+        value = ort.OrtValue.ortvalue_from_numpy
+        self.binding = session.io_binding()
+        for name, array in (("token", self.token), ("keys", self.keys), ("values", self.values), ("pointer", self.pointer)):
+            self.binding.bind_ortvalue_input(name, value(array))
+        for name, array in (("logits", self.logits), ("key_rows", self.key_rows), ("value_rows", self.value_rows)):
+            self.binding.bind_ortvalue_output(name, value(array))
+        self.session = session
+
+    def fill(self, context: int, rng: np.random.Generator) -> None:
+        """Reach a context by filling the cache with values (attention cost does not depend on them)."""
+        self.keys[:, :, :, :context] = rng.standard_normal(self.keys[:, :, :, :context].shape, dtype=np.float32)
+        self.values[:, :, :, :context] = rng.standard_normal(self.values[:, :, :, :context].shape, dtype=np.float32)
+        self.pointer[0] = context
+
+    def step(self, token: int) -> np.ndarray:
+        self.token[0] = token
+        self.session.run_with_iobinding(self.binding)
+        p = int(self.pointer[0])
+        self.keys[:, :, :, p] = self.key_rows
+        self.values[:, :, :, p] = self.value_rows
+        self.pointer[0] = p + 1
+        return self.logits[0]
+
+    @property
+    def state_bytes(self) -> int:
+        return 2 * self.key_rows.nbytes * int(self.pointer[0]) + 8
+
+
+class KVConcatStepper:
+    """GPT decode with the concat layout common exporters produce: present = concat(past, new)."""
+
+    def __init__(self, session, cfg: dict):
+        self.session, self.cfg = session, cfg
+
+    def fill(self, context: int, rng: np.random.Generator) -> None:
+        c = self.cfg
+        shape = (1, c["n_layer"], c["n_head"], context, c["n_embd"] // c["n_head"])
+        self.past = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2)]
+
+    def step(self, token: int) -> np.ndarray:
+        logits, k, v = self.session.run(None, {"token": np.array([token], np.int64),
+                                               "past_keys": self.past[0], "past_values": self.past[1]})
+        self.past = [k, v]
+        return logits[0]
+
+    @property
+    def state_bytes(self) -> int:
+        return self.past[0].nbytes * 2
+
+
+@dataclass
+class Settings:
+    threads: int = 1
+    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    lmn_only_contexts: tuple[int, ...] = (1 << 20,)
+    tokens: int = 300
+    reps: int = 3
+    warmup: int = 30
+    prompts: tuple[int, ...] = (64, 512, 4096)
+    quality_chars: int | None = None
+    seed: int = 0
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def text_ids(vocab: runtime.Vocab, chars: int | None) -> tuple[list[int], list[int], str]:
+    """(train-side ids for driving decode, val-split ids for quality, source) of the reference corpus."""
+    if CORPUS.is_file():
+        text = CORPUS.read_text(encoding="utf-8")
+        split = int(len(text) * 0.9)
+        val = text[split:][:chars] if chars else text[split:]
+        try:
+            return vocab.encode(text[:split]), vocab.encode(val), f"Tiny Shakespeare ({CORPUS.name}), val = last 10%"
+        except runtime.UnknownCharacterError:
+            reason = "the model's vocabulary does not cover the corpus"
+    else:
+        reason = f"corpus not found at {CORPUS}"
+    ids = np.random.default_rng(0).integers(0, len(vocab), 200_000).tolist()
+    return ids, [], f"random token ids ({reason}: quality skipped)"
+
+
+def cycle(ids: list[int], n: int, offset: int = 0) -> list[int]:
+    return [ids[(offset + i) % len(ids)] for i in range(n)]
+
+
+def bench_lmn(model: runtime.ExportedModel, drive: list[int], s: Settings, log) -> list[dict]:
+    """Decode latency and memory of the LMN at each context, reached by stepping real text."""
+    stream = runtime.Stream(model)
+    rows, position = [], 0
+    span = s.warmup + s.tokens * s.reps
+    for context in sorted(set(s.contexts) | set(s.lmn_only_contexts)):
+        log(f"LMN: stepping to context {context:,}")
+        stream.feed_ids(cycle(drive, context - position, position))
+        position = context
+        timing = time_steps(stream.stepper.step, cycle(drive, span, position), s.reps, s.warmup)
+        position += span
+        rows.append({"model": "lmn", "layout": "memory", "n_ctx": context, "reached_by": "stepping",
+                     "state_bytes": stream.state_bytes, "rss_bytes": rss_bytes(), **timing.summary()})
+    return rows
+
+
+def bench_gpt(gpt_dir: Path, cfg: dict, contexts, s: Settings, log) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(s.seed)
+    rows_session = session(gpt_dir / "kv_rows.onnx", s.threads)
+    concat_session = session(gpt_dir / "kv_concat.onnx", s.threads)
+    span = s.warmup + s.tokens * s.reps
+    tokens = rng.integers(0, cfg["vocab_size"], span).tolist()
+    for context in contexts:
+        for layout, stepper in (("kv-inplace", KVRowsStepper(rows_session, cfg, context + span + 1)),
+                                ("kv-concat", KVConcatStepper(concat_session, cfg))):
+            log(f"GPT-2 ({layout}): context {context:,} (cache filled, not stepped)")
+            stepper.fill(context, rng)
+            timing = time_steps(stepper.step, tokens, s.reps, s.warmup)
+            rows.append({"model": "gpt2", "layout": layout, "n_ctx": context, "reached_by": "cache fill",
+                         "state_bytes": stepper.state_bytes, "rss_bytes": rss_bytes(), **timing.summary()})
+            del stepper
+    return rows
+
+
+def build_baselines(lmn_config: dict, max_context: int, work: Path, log) -> tuple[Path, dict, tuple[Path, dict]]:
+    """Random-weight graphs for timing: a same-width GPT-2 with a cache of max_context rows (rows and
+    concat layouts), and the same LMN with its memory removed (max_levels 1: projections and FF only)."""
+    import torch
+
+    from models import GPT, LMN, GPTConfig, LMNConfig
+    from . import onnx_export
+
+    torch.manual_seed(0)
+    keys = ("vocab_size", "n_embd", "n_head", "n_layer")
+    gcfg = GPTConfig(**{k: lmn_config[k] for k in keys}, block_size=max_context)
+    log(f"building GPT-2 timing graphs (cache {max_context:,} rows)")
+    gpt = GPT(gcfg).eval()
+    gpt_dir = work / "gpt"
+    gpt_dir.mkdir()
+    onnx_export.export_kv_layout(gpt, gpt_dir / "kv_rows.onnx", "rows")
+    onnx_export.export_kv_layout(gpt, gpt_dir / "kv_concat.onnx", "concat")
+    log("building the memory-free LMN graph")
+    fields = {f.name for f in dataclasses.fields(LMNConfig)}
+    bare = LMN(LMNConfig(**{**{k: v for k, v in lmn_config.items() if k in fields}, "max_levels": 1})).eval()
+    bare_path = work / "lmn_no_memory.onnx"
+    bare_graph = onnx_export.export_step(bare, bare_path).to_dict()
+    return gpt_dir, gcfg.to_dict(), (bare_path, bare_graph)
+
+
+def bench_ttft(model: runtime.ExportedModel, gpt_dir: Path, gcfg: dict, drive: list[int], s: Settings) -> list[dict]:
+    """Time to first token: LMN with the prefill graph vs stepping; GPT-2 stepping (in-place cache)."""
+    rows = []
+    gpt_session = session(gpt_dir / "kv_rows.onnx", s.threads)
+    for n in s.prompts:
+        prompt = cycle(drive, n, 1000)
+        variants = {"lmn prefill": lambda: runtime.Stream(model).feed_ids(prompt),
+                    "lmn stepping": lambda: [st.step(t) for st in [model.stepper()] for t in prompt],
+                    "gpt2 stepping": lambda: [st.step(t) for st in [KVRowsStepper(gpt_session, gcfg, n + 1)] for t in prompt]}
+        for name, run in variants.items():
+            times = []
+            for _ in range(3):
+                began = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - began) * 1e3)
+            rows.append({"test": "ttft", "variant": name, "prompt_tokens": n, "ms_median": statistics.median(times),
+                         "ms_min": min(times), "ms_max": max(times)})
+    return rows
+
+
+def nll(logits: np.ndarray, target: int) -> float:
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(m + np.log(np.exp(z - m).sum()) - z[target])
+
+
+def bench_quality(model: runtime.ExportedModel, gpt: runtime.ExportedModel | None, val: list[int], log) -> list[dict]:
+    """Held-out bits per character on the val split: the LMN as one stream (contexts far beyond its
+    512-token training block); GPT-2 in independent 512-token windows (its position table's limit)."""
+    if len(val) < 2:
+        return []
+    log(f"quality: LMN over {len(val):,} val characters as one stream")
+    stream = runtime.Stream(model)
+    losses = np.zeros(len(val) - 1)
+    for i in range(len(val) - 1):
+        stream.feed_ids([val[i]])
+        losses[i] = nll(stream.logits, val[i + 1])
+    rows = []
+    for lo, hi in QUALITY_WINDOWS:
+        part = losses[lo:hi]
+        if part.size:
+            rows.append({"test": "quality", "model": "lmn", "context": f"{lo + 1}-{min(hi, len(val) - 1)}",
+                         "bpc": float(part.mean() / np.log(2)), "tokens": int(part.size)})
+    rows.append({"test": "quality", "model": "lmn", "context": "all", "bpc": float(losses.mean() / np.log(2)),
+                 "tokens": int(losses.size)})
+    if gpt is not None:
+        block = gpt.config["block_size"]
+        log(f"quality: GPT-2 over the same text in {block}-token windows")
+        glosses = []
+        for start in range(0, len(val) - 1, block):
+            s = runtime.Stream(gpt)
+            for i in range(start, min(start + block, len(val) - 1)):
+                s.feed_ids([val[i]])
+                glosses.append(nll(s.logits, val[i + 1]))
+        rows.append({"test": "quality", "model": "gpt2", "context": f"1-{block} (windows)",
+                     "bpc": float(np.mean(glosses) / np.log(2)), "tokens": len(glosses)})
+    return rows
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": ort.__version__}
+
+
+def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
+    model = runtime.load(lmn_dir, threads=s.threads)
+    drive, val, source = text_ids(model.vocab, s.quality_chars)
+    span = s.warmup + s.tokens * s.reps
+    result = {"machine": machine(), "settings": dataclasses.asdict(s), "text": source,
+              "lmn": {"config": model.config, "state_bytes": model.state_bytes,
+                      "files": model.manifest.data["files"]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt_dir, gcfg, (bare_path, bare_graph) = build_baselines(model.config, max(s.contexts) + span + 2, Path(tmp), log)
+        decode = bench_lmn(model, drive, s, log)
+        decode += bench_gpt(gpt_dir, gcfg, s.contexts, s, log)
+        bare = OnnxStepper(session(bare_path, s.threads), bare_graph)
+        log("LMN without memory: timing")
+        bare_timing = time_steps(bare.step, cycle(drive, span), s.reps, s.warmup).summary()
+        result["decode"] = decode
+        result["no_memory"] = bare_timing
+        lmn_1k = next(r for r in decode if r["model"] == "lmn")
+        result["memory_overhead_ratio"] = lmn_1k["p50_us"] / bare_timing["p50_us"]
+        log("time to first token")
+        result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
+    gpt = None
+    if GPT_CHECKPOINT.is_dir() and val:
+        gpt = trained_gpt_export(log)
+    result["quality"] = bench_quality(model, gpt, val, log)
+    result["summary"] = summarize(result)
+    return result
+
+
+_GPT_EXPORT_CACHE: dict = {}
+
+
+def trained_gpt_export(log) -> runtime.ExportedModel:
+    """The shipped, trained GPT-2-32 baseline, exported (full-cache step) for the quality test."""
+    from .export import ExportOptions, export
+
+    work = Path(tempfile.mkdtemp(prefix="lmn-bench-gpt-"))
+    log("exporting the trained GPT-2-32 baseline for the quality test")
+    export(GPT_CHECKPOINT, work / "gpt2-32", ExportOptions(prefill_sizes=(), parity_tokens=64))
+    return runtime.load(work / "gpt2-32")
+
+
+def summarize(r: dict) -> dict:
+    decode = r["decode"]
+    lmn = {row["n_ctx"]: row for row in decode if row["model"] == "lmn"}
+    inplace = {row["n_ctx"]: row for row in decode if row["layout"] == "kv-inplace"}
+    concat = {row["n_ctx"]: row for row in decode if row["layout"] == "kv-concat"}
+    first, last = min(lmn), max(lmn)
+    out = {"lmn_tps_ratio_longest_vs_first": lmn[last]["tokens_per_s"] / lmn[first]["tokens_per_s"],
+           "lmn_contexts": [first, last],
+           "lmn_state_bytes_constant": len({row["state_bytes"] for row in lmn.values()}) == 1,
+           "memory_overhead_ratio": r["memory_overhead_ratio"]}
+    common = max(set(lmn) & set(inplace)) if set(lmn) & set(inplace) else None
+    if common:
+        out["at_context"] = common
+        out["speedup_vs_kv_inplace"] = inplace[common]["p50_us"] / lmn[common]["p50_us"]
+        out["speedup_vs_kv_concat"] = concat[common]["p50_us"] / lmn[common]["p50_us"]
+        out["state_ratio_vs_kv"] = inplace[common]["state_bytes"] / lmn[common]["state_bytes"]
+    return out
+
+
+def print_report(r: dict) -> None:
+    m = r["machine"]
+    click.echo(f"\nmachine: {m['cpu']} ({m['cores']} cores), {m['os']}; numpy {m['numpy']}, onnxruntime {m['onnxruntime']}")
+    click.echo(f"threads {r['settings']['threads']}, batch 1, {r['settings']['tokens']} tokens x {r['settings']['reps']} reps "
+               f"after {r['settings']['warmup']} warm-up; text: {r['text']}\n")
+    click.echo(f"{'model':<6} {'layout':<11} {'context':>9} {'p50 us':>9} {'p99 us':>9} {'tok/s':>9} "
+               f"{'state bytes':>13} {'RSS MB':>8}  reached by")
+    for row in r["decode"]:
+        click.echo(f"{row['model']:<6} {row['layout']:<11} {row['n_ctx']:>9,} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
+                   f"{row['tokens_per_s']:>9,.0f} {row['state_bytes']:>13,} {row['rss_bytes'] / 2**20:>8.1f}  {row['reached_by']}")
+    nm = r["no_memory"]
+    click.echo(f"\nLMN without memory (same width, FF + projections only): p50 {nm['p50_us']:.1f} us; "
+               f"memory overhead {r['memory_overhead_ratio']:.2f}x")
+    click.echo("\ntime to first token (ms, median of 3):")
+    for row in r["ttft"]:
+        click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
+    files = r["lmn"]["files"]
+    click.echo("\nmodel files: " + ", ".join(f"{k} {v['bytes'] / 1024:.0f} KB" for k, v in files.items() if k.startswith("model.")))
+    if r["quality"]:
+        click.echo("\nheld-out bits per character (val split):")
+        for row in r["quality"]:
+            click.echo(f"  {row['model']:<5} positions {row['context']:<18} {row['bpc']:.4f} bpc over {row['tokens']:,} chars")
+    click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
+
+
+def plot(r: dict, directory: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'lmn[bench]'") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label, name in (("p50_us", "decode latency p50 (us/token)", "latency.png"),
+                             ("state_bytes", "state bytes per stream", "state.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for series in sorted({(row["model"], row["layout"]) for row in r["decode"]}):
+            pts = [(row["n_ctx"], row[key]) for row in r["decode"] if (row["model"], row["layout"]) == series]
+            ax.plot(*zip(*pts), marker="o", label=" ".join(series))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=120)
+        plt.close(fig)
+        written.append(directory / name)
+    return written
+
+
+@click.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--contexts", default="1024,4096,16384,65536", show_default=True, help="Shared contexts (comma-separated).")
+@click.option("--lmn-contexts", default="1048576", show_default=True, help="Extra LMN-only contexts.")
+@click.option("--tokens", default=300, show_default=True, help="Timed tokens per repetition.")
+@click.option("--reps", default=3, show_default=True)
+@click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="Write PNG charts here.")
+def main(directory, threads, contexts, lmn_contexts, tokens, reps, quick, json_path, plot_dir):
+    """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache."""
+    parse = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+    s = Settings(threads=threads, contexts=parse(contexts), lmn_only_contexts=parse(lmn_contexts),
+                 tokens=tokens, reps=reps)
+    if quick:
+        s = dataclasses.replace(s, contexts=(1024, 4096), lmn_only_contexts=(16384,), tokens=50, reps=2,
+                                warmup=10, prompts=(64, 512), quality_chars=4096)
+    try:
+        result = run(directory, s, log=lambda m: click.echo(f"... {m}", err=True))
+    except (runtime.ManifestError, runtime.BackendError) as e:
+        raise click.ClickException(str(e)) from None
+    print_report(result)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {json_path}")
+    if plot_dir:
+        for p in plot(result, plot_dir):
+            click.echo(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
