@@ -38,10 +38,12 @@ def _coremltools():
     return ct
 
 
+_NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
+
+
 def _tensor_types(ct, specs, batch_dim):
-    dtypes = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
     return [
-        ct.TensorType(t.name, shape=tuple(batch_dim if d == BATCH else d for d in t.shape), dtype=dtypes[t.dtype])
+        ct.TensorType(t.name, shape=tuple(batch_dim if d == BATCH else d for d in t.shape), dtype=_NP_DTYPES[t.dtype])
         for t in specs
     ]
 
@@ -55,7 +57,7 @@ def _convert(ct, traced, spec: GraphSpec, precision: str, target):
         try:
             return ct.convert(
                 traced, inputs=_tensor_types(ct, spec.inputs, batch),
-                outputs=[ct.TensorType(t.name) for t in spec.outputs],
+                outputs=[ct.TensorType(t.name, dtype=_NP_DTYPES[t.dtype]) for t in spec.outputs],
                 convert_to="mlprogram", minimum_deployment_target=target, compute_precision=compute,
             )
         except Exception as e:

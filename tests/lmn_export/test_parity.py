@@ -89,3 +89,16 @@ def test_onnx_bytes_are_reproducible(tmp_path):
     onnx_export.export_step(model, tmp_path / "a.onnx")
     onnx_export.export_step(model, tmp_path / "b.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_coreml_fp16_within_documented_bound(tmp_path):
+    """--precision fp16: the looser, documented bound (FP16_ATOL) holds; fp32's does not have to."""
+    from lmn_export.validate import FP16_ATOL
+
+    model = tiny_model()
+    spec = coreml_export.export_step(model, tmp_path / "half.mlpackage", precision="fp16")
+    predictor, runner = load_coreml(tmp_path / "half.mlpackage")
+    report = stream_parity(model, predictor, spec, tokens_for(model, 24), start_pointers(model, 24, 2**31 - 1),
+                           FP16_ATOL, "coreml fp16", runner)
+    report.raise_for_failure()
+    assert max(o.max_abs_diff for o in report.outputs) > 1e-6  # it really computed in half precision
