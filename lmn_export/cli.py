@@ -75,7 +75,9 @@ def print_summary(result) -> None:
                f"vocab {m['model']['vocab_size']}) to {where}")
     for name, facts in m["files"].items():
         click.echo(f"  {name:<28} {_human(facts['bytes']):>10}")
-    click.echo(f"  state per stream: {m['state_bytes_per_stream']:,} bytes (constant, any length)")
+    span = ("constant, any length" if m["model"]["arch"] == "lmn"
+            else f"a KV cache for at most {m['model']['block_size']} tokens")
+    click.echo(f"  state per stream: {m['state_bytes_per_stream']:,} bytes ({span})")
     click.echo(f"parity vs PyTorch ({m['parity']['text']}):")
     for r in result.reports:
         status = "ok  " if r.passed else "FAIL"
