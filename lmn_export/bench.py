@@ -14,7 +14,7 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -337,22 +337,17 @@ def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
         result["memory_overhead_ratio"] = lmn_1k["p50_us"] / bare_timing["p50_us"]
         log("time to first token")
         result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
-    gpt = None
-    if GPT_CHECKPOINT.is_dir() and val:
-        gpt = trained_gpt_export(log)
-    result["quality"] = bench_quality(model, gpt, val, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
+        result["quality"] = bench_quality(model, gpt, val, log)
     result["summary"] = summarize(result)
     return result
 
 
-_GPT_EXPORT_CACHE: dict = {}
-
-
-def trained_gpt_export(log) -> runtime.ExportedModel:
+def trained_gpt_export(work: Path, log) -> runtime.ExportedModel:
     """The shipped, trained GPT-2-32 baseline, exported (full-cache step) for the quality test."""
     from .export import ExportOptions, export
 
-    work = Path(tempfile.mkdtemp(prefix="lmn-bench-gpt-"))
     log("exporting the trained GPT-2-32 baseline for the quality test")
     export(GPT_CHECKPOINT, work / "gpt2-32", ExportOptions(prefill_sizes=(), parity_tokens=64))
     return runtime.load(work / "gpt2-32")

@@ -19,14 +19,13 @@ import onnxruntime as ort
 import torch
 
 import runtime.manifest as manifest_schema
-from models import LMN, GPTConfig, LMNConfig
-from models.checkpoint import CheckpointError, DEFAULT_CHECKPOINT, load, sha256
-from models.data import DataError
+from models import LMN, LMNConfig
+from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from . import coreml_export, onnx_export
-from .graphs import BATCH, prefill_spec
+from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .parity_text import parity_ids
-from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, ValidationError, check_names, prefill_parity,
+from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import pexpect
-import pytest
 from click.testing import CliRunner
 
 from runtime.chat import main
