@@ -22,6 +22,7 @@ import numpy as np
 
 import runtime
 from runtime.backends import OnnxStepper
+from runtime.model import open_session
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 GPT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "baselines" / "gpt2-32"
@@ -150,14 +151,7 @@ class Settings:
     seed: int = 0
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+session = open_session
 
 
 def text_ids(vocab: runtime.Vocab, chars: int | None) -> tuple[list[int], list[int], str]:

@@ -129,14 +129,14 @@ class LMNBlock(nn.Module):
         x = x + attn.output(mixed)
         return x + self.ff(self.norm_ff(x)), memory.nodes_at(h, tree, last)
 
-    def step(self, x: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, E), nodes: (B, S, E), pointer: (B,) -> x (B, E), nodes (B, S, E)."""
+    def step(self, x: torch.Tensor, nodes: torch.Tensor, flags: torch.Tensor, valid: torch.Tensor):
+        """x: (B, E), nodes: (B, S, E), flags/valid from `LogMemory.step_masks` -> x (B, E), nodes (B, S, E)."""
         attn = self.attn
         h = self.norm_attn(x)
-        nodes = self.memory.update(h, nodes, pointer)
+        nodes = self.memory.update(h, nodes, flags)
         k, v = attn.key_value(self.memory.slots(nodes))  # (B, A, H, D)
         scores = attn.score(attn.query(h).unsqueeze(-3), k)  # (B, A, H)
-        weights = attn.normalize(scores, self.memory.valid(pointer))  # (B, A, H)
+        weights = attn.normalize(scores, valid)  # (B, A, H)
         x = x + attn.output(attn.weigh(weights, v))
         return x + self.ff(self.norm_ff(x)), nodes
 
@@ -192,9 +192,10 @@ class LMN(nn.Module):
     def step(self, tokens: torch.Tensor, state: StepState) -> tuple[torch.Tensor, StepState]:
         """Sequential mode. tokens: (B,) int64 -> logits (B, V) and the state after them."""
         x = self.embed(tokens)  # (B, E)
+        flags, valid = self.blocks[0].memory.step_masks(state.pointer)  # the same for every layer
         new_memory = []
         for layer, block in enumerate(self.blocks):
-            x, nodes = block.step(x, state.memory[:, layer], state.pointer)
+            x, nodes = block.step(x, state.memory[:, layer], flags, valid)
             new_memory.append(nodes)
         logits = self.head(self.norm_out(x))
         return logits, StepState(torch.stack(new_memory, dim=1), state.pointer + 1)

@@ -103,14 +103,19 @@ class LogMemory(nn.Module):
             nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
 
-    def update(self, h: torch.Tensor, nodes: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
-        """Sequential mode: the nodes after the token at `pointer`.
+    def step_masks(self, pointer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a step at `pointer` needs from it, computed once for all layers:
+        flags (B, L-1) of the levels it re-summarizes, and valid (B, A) attention slots."""
+        return level_flags(pointer, self.block_sizes), self.valid(pointer)
 
-        h: (B, E) this token's input; nodes: (B, S, E) after the previous token; pointer: (B,).
-        Level i is replaced by summarize(old level i-1, new level i-1) exactly when 2^i | t+1;
-        every level is computed and selected with `where`, so the graph has no data-dependent flow.
+    def update(self, h: torch.Tensor, nodes: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Sequential mode: the nodes after this token.
+
+        h: (B, E) this token's input; nodes: (B, S, E) after the previous token; flags: (B, L-1)
+        from `step_masks`. Level i is replaced by summarize(old level i-1, new level i-1) exactly
+        when 2^i | t+1; every level is computed and selected with `where` (no data-dependent flow).
         """
-        flags = level_flags(pointer, self.block_sizes).unsqueeze(-1).unsqueeze(-1)  # (B, L-1, 1, 1)
+        flags = flags.unsqueeze(-1).unsqueeze(-1)  # (B, L-1, 1, 1)
         old_levels = nodes[:, 1:].unflatten(1, (self.max_levels - 1, self.n_bank))  # (B, L-1, K, E)
         older = nodes[:, 0].unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E) previous token
         newer = h.unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E)

@@ -15,6 +15,17 @@ BACKENDS = ("onnxruntime", "coreml")
 DEFAULT_EXPORT = Path(__file__).parent / "default"
 
 
+def open_session(path: Path | str, threads: int = 1):
+    """An onnxruntime CPU session: `threads` intra-op threads (1: the embedded case), all graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class ExportedModel:
     """Everything one export folder holds, loaded once; create any number of streams from it."""
 
@@ -48,13 +59,7 @@ class ExportedModel:
         return graph
 
     def _session(self, file: str):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(self.directory / file), options, providers=["CPUExecutionProvider"])
+        return open_session(self.directory / file, self.threads)
 
     @property
     def state_bytes(self) -> int:
