@@ -5,8 +5,9 @@ per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N
 
 Reference: "Logarithmic Memory Networks (LMNs): Efficient Long-Range Sequence Modeling for
 Resource-Constrained Environments". Deliberate differences from the paper's code: the step
-computes every level and selects with `where` (exportable, no data-dependent control flow), and
-the validity mask is explicit rather than inferred from zero scores.
+computes only the levels that change (an exported If per level), its attention reads the raw
+memory nodes through folded projections (`SingleVectorAttention.folded`) instead of projecting
+every slot every token, and the validity mask is explicit rather than inferred from zero scores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMNConfig
-from .memory import LogMemory
+from .memory import LogMemory, StepMasks, levels_changed
 
 
 class RMSNorm(nn.Module):
@@ -29,7 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # Written as a division by sqrt so onnxruntime fuses it into one SimplifiedLayerNormalization.
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class SingleVectorAttention(nn.Module):
@@ -79,6 +81,32 @@ class SingleVectorAttention(nn.Module):
         """(..., H, D) -> (..., E)."""
         return self.out_proj(mixed.flatten(-2))
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections folded so one token can attend to raw slots (no per-slot projections).
+
+        score_h(s) = q_h . k_h(s) = (h @ w_qk + b_qk)_h . s + (a term constant over slots, which the
+        softmax ignores), and out = concat_h(weights_h @ v_h) @ W_o + b_o = concat_h(weights_h @ S)
+        @ w_ov + b_ov, because each head's weights sum to 1. Returns w_qk (E, H*E) pre-scaled,
+        b_qk (H*E,), w_ov (H*E, E), b_ov (E,).
+        """
+        H, E = self.n_head, self.q_proj.in_features
+        w_q, w_k, w_v = (p.weight.view(H, -1, E) for p in (self.q_proj, self.k_proj, self.v_proj))  # (H, D, E)
+        w_qk = (w_q.transpose(1, 2) @ w_k) * self.scale  # (H, E, E)
+        b_qk = (self.q_proj.bias.view(H, 1, -1) @ w_k).squeeze(1) * self.scale  # (H, E)
+        w_o = self.out_proj.weight.view(E, H, -1).permute(1, 2, 0)  # (H, D, E)
+        w_ov = w_v.transpose(1, 2) @ w_o  # (H, E, E)
+        return w_qk.transpose(0, 1).flatten(1), b_qk.flatten(), w_ov.flatten(0, 1), self.out_proj(self.v_proj.bias)
+
+    def read(self, h: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One token attending to its slots: h (B, E), slots (B, A, E), bias (B, 1, A) 0/-inf -> (B, E).
+
+        Same math as query/key_value/score/normalize/weigh/output, reassociated via `folded`.
+        """
+        w_qk, b_qk, w_ov, b_ov = self.folded()
+        qk = (h @ w_qk + b_qk).unflatten(-1, (self.n_head, -1))  # (B, H, E)
+        weights = torch.softmax(qk @ slots.transpose(-1, -2) + bias, dim=-1)  # (B, H, A)
+        return (weights @ slots).flatten(-2) @ w_ov + b_ov  # (B, E)
+
 
 class FeedForward(nn.Module):
     def __init__(self, n_embd: int, ff_mult: int):
@@ -95,6 +123,7 @@ class LMNBlock(nn.Module):
 
     def __init__(self, cfg: LMNConfig):
         super().__init__()
+        self.n_slots, self.n_embd = cfg.n_slots, cfg.n_embd
         self.norm_attn = RMSNorm(cfg.n_embd)
         self.memory = LogMemory(cfg)
         self.attn = SingleVectorAttention(cfg.n_embd, cfg.n_head)
@@ -129,15 +158,13 @@ class LMNBlock(nn.Module):
         x = x + attn.output(mixed)
         return x + self.ff(self.norm_ff(x)), memory.nodes_at(h, tree, last)
 
-    def step(self, x: torch.Tensor, nodes: torch.Tensor, flags: torch.Tensor, valid: torch.Tensor):
-        """x: (B, E), nodes: (B, S, E), flags/valid from `LogMemory.step_masks` -> x (B, E), nodes (B, S, E)."""
-        attn = self.attn
+    def step(self, x: torch.Tensor, nodes: torch.Tensor, masks: StepMasks, levels: int, exact: bool):
+        """x: (B, E), nodes: (B, S*E) flattened, masks from `LogMemory.step_masks`; `levels` and
+        `exact` as in `LogMemory.update` -> x (B, E), nodes (B, S*E)."""
         h = self.norm_attn(x)
-        nodes = self.memory.update(h, nodes, flags)
-        k, v = attn.key_value(self.memory.slots(nodes))  # (B, A, H, D)
-        scores = attn.score(attn.query(h).unsqueeze(-3), k)  # (B, A, H)
-        weights = attn.normalize(scores, valid)  # (B, A, H)
-        x = x + attn.output(attn.weigh(weights, v))
+        nodes = self.memory.update(h, nodes, levels, None if exact else masks.changed)
+        slots = self.memory.slots(nodes.unflatten(1, (self.n_slots, self.n_embd)))  # (B, A, E)
+        x = x + self.attn.read(h, slots, masks.bias)
         return x + self.ff(self.norm_ff(x)), nodes
 
 
@@ -189,13 +216,32 @@ class LMN(nn.Module):
         memory = torch.zeros(batch_size, cfg.n_layer, cfg.n_slots, cfg.n_embd, dtype=dtype, device=device)
         return StepState(memory, torch.zeros(batch_size, dtype=torch.int64, device=device))
 
-    def step(self, tokens: torch.Tensor, state: StepState) -> tuple[torch.Tensor, StepState]:
-        """Sequential mode. tokens: (B,) int64 -> logits (B, V) and the state after them."""
+    def step(self, tokens: torch.Tensor, state: StepState, levels: int | None = None) -> tuple[torch.Tensor, StepState]:
+        """Sequential mode. tokens: (B,) int64 -> logits (B, V) and the state after them.
+
+        `levels` = k promises that every row re-summarizes exactly k levels this step (k = the
+        trailing zero bits of pointer+1, capped at max_levels-1), so only those k summaries are
+        computed: a graph traced with it is a fast path valid at those pointers only. None: valid
+        at any pointers (traced: every level computed and selected per row).
+        """
+        cfg, memory = self.config, self.blocks[0].memory
+        most = cfg.max_levels - 1
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if levels is not None and not 0 <= levels <= most:
+            raise ValueError(f"levels must be in 0..{most} (max_levels - 1), got {levels}")
+        if not tracing:
+            counts = levels_changed(state.pointer, memory.block_sizes).unique().tolist()
+            if levels is not None and counts != [levels]:
+                raise ValueError(f"levels={levels}, but at these pointers rows re-summarize {counts} levels")
+            levels = counts[0] if len(counts) == 1 else None
+        exact = levels is not None
+        levels = most if levels is None else levels
         x = self.embed(tokens)  # (B, E)
-        flags, valid = self.blocks[0].memory.step_masks(state.pointer)  # the same for every layer
+        masks = memory.step_masks(state.pointer, x.dtype)  # the same for every layer
+        old = state.memory.flatten(2)  # (B, N, S*E)
         new_memory = []
         for layer, block in enumerate(self.blocks):
-            x, nodes = block.step(x, state.memory[:, layer], flags, valid)
+            x, nodes = block.step(x, old[:, layer], masks, levels, exact)
             new_memory.append(nodes)
         logits = self.head(self.norm_out(x))
-        return logits, StepState(torch.stack(new_memory, dim=1), state.pointer + 1)
+        return logits, StepState(torch.cat(new_memory, dim=1).unflatten(1, (cfg.n_layer, cfg.n_slots, cfg.n_embd)), state.pointer + 1)

@@ -10,6 +10,8 @@ Both modes call the same `summarizer` on the same operands, so they agree to flo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -20,10 +22,26 @@ from .summarizers import Expander, make_summarizer
 def level_flags(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
     """Which levels a step at position `pointer` re-summarizes: 2^i divides pointer + 1.
 
-    pointer: (B,) int64; block_sizes: (L-1,) int64 holding 2^1..2^(L-1). Returns (B, L-1) bool.
+    pointer: (B,) int64; block_sizes: (N,) int64 (e.g. 2^1..2^(L-1)). Returns (B, N) bool.
     `remainder` is exact for any int64 and exports to ONNX and Core ML (bitwise ops do not).
     """
     return torch.remainder(pointer.unsqueeze(-1) + 1, block_sizes) == 0
+
+
+class StepMasks(NamedTuple):
+    """Per-step values shared by every layer, from the pointer alone.
+
+    changed: (B, S*E) bool, which memory node elements a row replaces this step (level 0 always).
+    bias:    (B, 1, A) float, 0 for attention slots holding a complete block, -inf for empty ones.
+    """
+
+    changed: torch.Tensor
+    bias: torch.Tensor
+
+
+def levels_changed(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
+    """How many summary levels each row re-summarizes at `pointer`: (B,) int64, min(trailing zeros of pointer+1, L-1)."""
+    return level_flags(pointer, block_sizes).sum(-1)
 
 
 def level_valid(position: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
@@ -40,6 +58,7 @@ class LogMemory(nn.Module):
     def __init__(self, cfg: LMNConfig):
         super().__init__()
         self.n_bank = cfg.n_bank
+        self.n_embd = cfg.n_embd
         self.max_levels = cfg.max_levels
         self.summarize = make_summarizer(cfg)
         self.expander = Expander(cfg.n_bank, cfg.n_embd, cfg.expand) if cfg.expand else None
@@ -48,6 +67,8 @@ class LogMemory(nn.Module):
         # Block size behind each attention slot (1 for level 0, which is always valid).
         per_slot = torch.cat([torch.ones(1, dtype=torch.int64), sizes.repeat_interleave(cfg.n_bank * (1 + cfg.expand))])
         self.register_buffer("slot_block_sizes", per_slot, persistent=False)  # (A,)
+        per_node = torch.cat([torch.ones(1, dtype=torch.int64), sizes.repeat_interleave(cfg.n_bank)])
+        self.register_buffer("node_block_sizes", per_node, persistent=False)  # (S,)
 
     def tree(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Parallel mode: every complete aligned block's summary, per level i = 1..L-1.
@@ -103,30 +124,36 @@ class LogMemory(nn.Module):
             nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
 
-    def step_masks(self, pointer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a step at `pointer` needs from it, computed once for all layers:
-        flags (B, L-1) of the levels it re-summarizes, and valid (B, A) attention slots."""
-        return level_flags(pointer, self.block_sizes), self.valid(pointer)
+    def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype) -> StepMasks:
+        """What a step at `pointer` (B,) needs, computed once for all layers (see `StepMasks`)."""
+        changed = level_flags(pointer, self.node_block_sizes)  # (B, S); level 0 (size 1) always
+        changed = changed.unsqueeze(-1).expand(-1, -1, self.n_embd).flatten(1)  # (B, S*E)
+        valid = self.valid(pointer)  # (B, A)
+        zero = torch.zeros((), dtype=dtype, device=pointer.device)
+        bias = torch.where(valid, zero, torch.full_like(zero, float("-inf"))).unsqueeze(1)  # (B, 1, A)
+        return StepMasks(changed, bias)
 
-    def update(self, h: torch.Tensor, nodes: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        """Sequential mode: the nodes after this token.
+    def update(self, h: torch.Tensor, nodes: torch.Tensor, levels: int, changed: torch.Tensor | None) -> torch.Tensor:
+        """Sequential mode: the nodes after this token, flattened.
 
-        h: (B, E) this token's input; nodes: (B, S, E) after the previous token; flags: (B, L-1)
-        from `step_masks`. Level i is replaced by summarize(old level i-1, new level i-1) exactly
-        when 2^i | t+1; every level is computed and selected with `where` (no data-dependent flow).
+        h: (B, E) this token's input; nodes: (B, S*E) after the previous token (flattened (B, S, E)).
+        Level i becomes summarize(old level i-1, new level i-1) exactly when 2^i | t+1; only levels
+        1..`levels` are computed. With `changed` (B, S*E) from `step_masks`, rows that re-summarize
+        fewer levels keep their old nodes (any pointers, levels = max_levels - 1); without it, every
+        row must re-summarize exactly `levels` levels. Returns (B, S*E).
         """
-        flags = flags.unsqueeze(-1).unsqueeze(-1)  # (B, L-1, 1, 1)
-        old_levels = nodes[:, 1:].unflatten(1, (self.max_levels - 1, self.n_bank))  # (B, L-1, K, E)
-        older = nodes[:, 0].unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E) previous token
-        newer = h.unsqueeze(1).expand(-1, self.n_bank, -1)  # (B, K, E)
-        new_levels = []
-        for i in range(self.max_levels - 1):
-            summary = self.summarize(older, newer)  # (B, K, E)
-            newer, older = torch.where(flags[:, i], summary, old_levels[:, i]), old_levels[:, i]
-            new_levels.append(newer)
-        if not new_levels:
-            return h.unsqueeze(1)
-        return torch.cat([h.unsqueeze(1), torch.stack(new_levels, dim=1).flatten(1, 2)], dim=1)
+        E, K = self.n_embd, self.n_bank
+        computed, newer = [h], h  # new level 0, then each new level flattened over banks (B, K*E)
+        for i in range(1, levels + 1):
+            if i == 1:
+                newer = self.summarize.summarize_tokens(nodes[:, :E], h)
+            else:
+                older = nodes[:, (1 + (i - 2) * K) * E : (1 + (i - 1) * K) * E]
+                newer = self.summarize.summarize_flat(torch.cat([older, newer], dim=1))
+            computed.append(newer)
+        computed.append(nodes[:, (1 + levels * K) * E :])  # the levels that do not change
+        computed = torch.cat(computed, dim=1)  # (B, S*E)
+        return computed if changed is None else torch.where(changed, computed, nodes)
 
     def widen(self, summaries: torch.Tensor) -> torch.Tensor:
         """Summary nodes to attention slots: (..., K, E) -> (..., K*X, E) (identity without expander)."""
@@ -136,6 +163,8 @@ class LogMemory(nn.Module):
 
     def slots(self, nodes: torch.Tensor) -> torch.Tensor:
         """Attention slots of a node set: (..., S, E) -> (..., A, E); level 0 first."""
+        if self.expander is None:
+            return nodes
         summaries = nodes[..., 1:, :].unflatten(-2, (self.max_levels - 1, self.n_bank))  # (..., L-1, K, E)
         return torch.cat([nodes[..., :1, :], self.widen(summaries).flatten(-3, -2)], dim=-2)
 

@@ -2,6 +2,10 @@
 
 Shape letters: N any leading dims, K banks, E embedding width, X expander slots (1 + expand).
 Every module maps per bank; a summarizer is shared across levels (paper section 3).
+
+All three summarizers are affine in the pair, so each is applied through one (2*K*E, K*E) matrix
+(`pair_affine`) on the flattened pair [older banks, newer banks]: a single matmul per summary in
+both modes, which is what makes a step's summary one operator in an exported graph.
 """
 
 from __future__ import annotations
@@ -19,54 +23,83 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
-class LinearSummarizer(nn.Module):
-    """One affine map of the concatenated pair, per bank: (2E -> E)."""
+class PairSummarizer(nn.Module):
+    """Base: summarize(older, newer) = [older, newer] (flattened over banks) @ W + b, W from `pair_affine`."""
 
     def __init__(self, n_bank: int, n_embd: int):
         super().__init__()
-        self.weight = _uniform((n_bank, 2 * n_embd, n_embd), 2 * n_embd)
-        self.bias = _uniform((n_bank, n_embd), 2 * n_embd)
+        self.n_bank, self.n_embd = n_bank, n_embd
+
+    def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight (2*K*E, K*E) and bias (K*E,) of the map [older (K*E), newer (K*E)] -> summary (K*E)."""
+        raise NotImplementedError
+
+    def summarize_flat(self, pair: torch.Tensor) -> torch.Tensor:
+        """pair: (N, 2*K*E) = [older banks, newer banks] -> (N, K*E)."""
+        weight, bias = self.pair_affine()
+        return pair @ weight + bias
+
+    def summarize_tokens(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        """Level 1, whose two nodes are single tokens shared by every bank: older, newer (N, E) -> (N, K*E).
+
+        Equal to summarize_flat of each token repeated over the banks, with the repeats folded into W.
+        """
+        weight, bias = self.pair_affine()
+        K, E = self.n_bank, self.n_embd
+        folded = weight.view(2, K, E, K * E).sum(1).flatten(0, 1)  # (2E, K*E)
+        return torch.cat([older, newer], dim=-1) @ folded + bias
 
     def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         """older, newer: (N, K, E) -> (N, K, E)."""
-        pair = torch.cat([older, newer], dim=-1)  # (N, K, 2E)
-        return per_bank_matmul(pair, self.weight) + self.bias  # (N, K, E)
+        pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
+        return self.summarize_flat(pair).unflatten(-1, older.shape[-2:])  # (N, K, E)
 
 
-class ConvSummarizer(nn.Module):
+class LinearSummarizer(PairSummarizer):
+    """One affine map of the concatenated pair, per bank: (2E -> E)."""
+
+    def __init__(self, n_bank: int, n_embd: int):
+        super().__init__(n_bank, n_embd)
+        self.weight = _uniform((n_bank, 2 * n_embd, n_embd), 2 * n_embd)
+        self.bias = _uniform((n_bank, n_embd), 2 * n_embd)
+
+    def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        older, newer = self.weight[:, : self.n_embd], self.weight[:, self.n_embd :]  # (K, E, E) each
+        return torch.cat([block_diagonal(older), block_diagonal(newer)]), self.bias.flatten()
+
+
+class ConvSummarizer(PairSummarizer):
     """A kernel-2 stride-2 convolution over the pair whose channels are all banks, so banks mix.
 
     Equivalent to Conv1d(K*E, K*E, kernel_size=2, stride=2) applied to the two-node sequence.
     """
 
     def __init__(self, n_bank: int, n_embd: int):
-        super().__init__()
+        super().__init__(n_bank, n_embd)
         width = n_bank * n_embd
-        self.n_bank = n_bank
         self.weight = _uniform((2 * width, width), 2 * width)
         self.bias = _uniform((width,), 2 * width)
 
-    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-        """older, newer: (N, K, E) -> (N, K, E)."""
-        pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
-        out = pair @ self.weight + self.bias  # (N, K*E)
-        return out.unflatten(-1, (self.n_bank, -1))  # (N, K, E)
+    def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.bias
 
 
-class DepthwiseSeparableSummarizer(nn.Module):
-    """Per-channel kernel-2 stride-2 convolution over the pair, then a pointwise projection."""
+class DepthwiseSeparableSummarizer(PairSummarizer):
+    """Per-channel kernel-2 stride-2 convolution over the pair, then a pointwise projection (per bank)."""
 
     def __init__(self, n_bank: int, n_embd: int):
-        super().__init__()
+        super().__init__(n_bank, n_embd)
         self.depthwise = _uniform((n_bank, 2, n_embd), 2)
         self.depthwise_bias = _uniform((n_bank, n_embd), 2)
         self.pointwise = _uniform((n_bank, n_embd, n_embd), n_embd)
         self.pointwise_bias = _uniform((n_bank, n_embd), n_embd)
 
-    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-        """older, newer: (N, K, E) -> (N, K, E)."""
-        mixed = older * self.depthwise[:, 0] + newer * self.depthwise[:, 1] + self.depthwise_bias
-        return per_bank_matmul(mixed, self.pointwise) + self.pointwise_bias
+    def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # pointwise(older * d0 + newer * d1 + db) = older @ (d0 * P) + newer @ (d1 * P) + (db @ P + pb)
+        scaled = self.depthwise.unsqueeze(-1) * self.pointwise.unsqueeze(1)  # (K, 2, E, E)
+        weight = torch.cat([block_diagonal(scaled[:, 0]), block_diagonal(scaled[:, 1])])
+        bias = (self.depthwise_bias.unsqueeze(1) @ self.pointwise).squeeze(1) + self.pointwise_bias  # (K, E)
+        return weight, bias.flatten()
 
 
 class Expander(nn.Module):
@@ -87,6 +120,13 @@ class Expander(nn.Module):
         weight = self.weight.transpose(-1, -2).flatten(-2)  # (K, E, X*E)
         out = per_bank_matmul(nodes, weight)  # (N, K, X*E)
         return out.unflatten(-1, (self.slots, -1)) + self.bias.unsqueeze(-2)  # (N, K, X, E)
+
+
+def block_diagonal(weight: torch.Tensor) -> torch.Tensor:
+    """(K, I, O) per-bank weights -> (K*I, K*O) block-diagonal matrix (bank k maps inputs k*I.. to outputs k*O..)."""
+    K, I, O = weight.shape
+    eye = torch.eye(K, dtype=weight.dtype, device=weight.device)  # (K, K)
+    return (eye.view(K, 1, K, 1) * weight.unsqueeze(2)).reshape(K * I, K * O)
 
 
 def per_bank_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
