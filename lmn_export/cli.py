@@ -10,7 +10,7 @@ import click
 
 from models.checkpoint import CheckpointError
 from models.data import DataError
-from .export import DEFAULT_PREFILL_SIZES, ExportOptions, export
+from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, ExportOptions, export
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .validate import ValidationError
 
@@ -44,15 +44,18 @@ def _human(n: int) -> str:
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
 @click.option("--prefill", "prefill", default=",".join(map(str, DEFAULT_PREFILL_SIZES)), show_default=True,
               help="Prefill graph sizes in tokens (empty for none).")
+@click.option("--fast-paths", type=click.IntRange(min=0), default=DEFAULT_FAST_PATHS, show_default=True,
+              help="LMN step graphs for tokens that re-summarize exactly 0..N-1 levels (0: none).")
 @click.option("--parity-tokens", type=int, default=512, show_default=True, help="Tokens streamed per parity check.")
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
 @click.option("--force", is_flag=True, help="Replace an --out folder that is not an lmn export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, prefill, parity_tokens, text, force, as_json):
+def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, prefill, fast_paths, parity_tokens, text,
+         force, as_json):
     """Export CHECKPOINT (default: the shipped model) as a stateful single-step graph, with parity."""
     targets = ("onnx", "coreml") if target == "all" else (target,)
     options = ExportOptions(targets=targets, precision=precision, quantize=quantize, opset=opset, stateful=stateful,
-                            atol=atol, prefill_sizes=_sizes(prefill), parity_tokens=parity_tokens, text=text, force=force)
+                            atol=atol, prefill_sizes=_sizes(prefill), fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force)
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     try:
         result = export(checkpoint, out, options, progress=lambda m: say(f"... {m}"))

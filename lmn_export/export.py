@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import runtime.manifest as manifest_schema
+from runtime.backends import fast_path_levels
 from runtime.model import open_session
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
@@ -25,13 +26,18 @@ from . import coreml_export, onnx_export
 from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .parity_text import parity_ids
-from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_parity,
+from .validate import (FP16_ATOL, FP32_ATOL, START_POINTERS, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
 
 log = logging.getLogger(__name__)
 TARGETS = ("onnx", "coreml")
 DEFAULT_PREFILL_SIZES = (64, 512, 4096)
 CORE_ML_MAX_LEVELS = 31  # block sizes 2^i must fit int32
+# LMN step graphs for tokens that re-summarize exactly k = 0..3 levels once the memory is full:
+# 15 of every 16 tokens (k has probability 2^-(k+1)); the rest use the general step graph.
+DEFAULT_FAST_PATHS = 4
+FAST_PATH_RULE = ("valid only when, for every row, pointer+1 >= 2^(max_levels-1) (memory full) and pointer+1 "
+                  "has exactly `levels` trailing zero bits (at least, for levels = max_levels-1)")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class ExportOptions:
     stateful: bool = False
     atol: float | None = None
     prefill_sizes: tuple[int, ...] = DEFAULT_PREFILL_SIZES
+    fast_paths: int = DEFAULT_FAST_PATHS
     parity_tokens: int = 512
     text: str | None = None
     force: bool = False
@@ -73,6 +80,24 @@ class OnnxPredictor:
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+
+class FastPathPredictor:
+    """The general step graph plus the fast paths, picked per call from the pointers as the runtime does."""
+
+    runner = "onnxruntime"
+
+    def __init__(self, general: OnnxPredictor, fast: dict[int, OnnxPredictor], max_levels: int):
+        self.general, self.fast, self.max_levels = general, fast, max_levels
+        self.session = general.session  # inputs and outputs are the same in every graph
+        self.used: dict[int, int] = {}  # levels -> calls served by that fast path
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        levels = {fast_path_levels(int(p), self.max_levels) for p in inputs["pointer"]}
+        if len(levels) == 1 and (k := levels.pop()) in self.fast:
+            self.used[k] = self.used.get(k, 0) + 1
+            return self.fast[k].predict(inputs)
+        return self.general.predict(inputs)
 
 
 def state_bytes(spec_dict: dict) -> int:
@@ -139,6 +164,48 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
             shutil.rmtree(work)
 
 
+def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: np.ndarray, options: ExportOptions,
+                       graphs: list, progress) -> tuple[list[ParityReport], dict[int, OnnxPredictor]]:
+    """Step graphs for tokens that re-summarize exactly k levels, checked by streaming each parity row
+    alone (batch 1, as the runtime steps) through the graphs picked per token."""
+    cfg = model.config
+    fast = {}
+    for k in range(min(options.fast_paths, cfg.max_levels)):
+        name = f"step_levels_{k}.onnx"
+        progress(f"exporting ONNX fast-path step graph ({k} summary levels)")
+        onnx_export.export_step(model, work / name, options.opset, levels=k, full=True)
+        graphs.append({"name": "step_levels", "levels": k, "valid_when": FAST_PATH_RULE, "target": "onnx",
+                       "file": name, "precision": "fp32", "opset": options.opset, **spec.to_dict()})
+        fast[k] = OnnxPredictor(work / name)
+        check_names(spec, fast[k].input_names, fast[k].output_names)
+    progress(f"checking fast-path parity over {options.parity_tokens} tokens per start pointer")
+    reports = []
+    for row, pointer in enumerate(start_pointers(model, options.parity_tokens)):
+        predictor = FastPathPredictor(general, fast, cfg.max_levels)
+        report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], options.atol or FP32_ATOL,
+                               f"onnx fast paths @{pointer}", predictor.runner)
+        report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
+        reports.append(report)
+    return reports, fast
+
+
+def _quantize_fast_paths(work: Path, model, fp32: FastPathPredictor, text_ids: list[int], options: ExportOptions,
+                         graphs: list, progress) -> ParityReport:
+    """int8 copies of the fast paths, judged like the int8 step graph but from a pointer where they run."""
+    from .quantize import int8_report, quantize_file
+
+    fast = {}
+    for k in fp32.fast:
+        name = f"step_levels_{k}.int8.onnx"
+        progress(f"quantizing ONNX fast path ({k} summary levels) to int8")
+        quantize_file(work / f"step_levels_{k}.onnx", work / name)
+        entry = next(g for g in graphs if g["name"] == "step_levels" and g["levels"] == k)
+        graphs.append({**entry, "name": "step_levels_int8", "file": name, "precision": "int8"})
+        fast[k] = OnnxPredictor(work / name)
+    int8 = FastPathPredictor(OnnxPredictor(work / "model.int8.onnx"), fast, model.config.max_levels)
+    return int8_report(fp32, int8, text_ids, options, "onnx int8 fast paths", start=START_POINTERS[1])
+
+
 def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
     cfg = model.config
     is_lmn = isinstance(model, LMN)
@@ -157,6 +224,10 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         tokens = stream_tokens(model, text_ids, options.parity_tokens)
         reports.append(stream_parity(model, predictor, spec, tokens, start_pointers(model, options.parity_tokens),
                                      atol or FP32_ATOL, "onnx step", predictor.runner))
+        fast = {}
+        if is_lmn and options.fast_paths:
+            fast_reports, fast = _export_fast_paths(work, model, predictor, spec, tokens, options, graphs, progress)
+            reports.extend(fast_reports)
         if is_lmn:
             for size in options.prefill_sizes:
                 name = f"prefill_{size}.onnx"
@@ -177,6 +248,9 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             graphs.append({"name": "step_int8", "target": "onnx", "file": "model.int8.onnx", "precision": "int8",
                            "opset": options.opset, **spec.to_dict()})
             reports.append(report)
+            if fast:
+                fp32 = FastPathPredictor(predictor, fast, cfg.max_levels)
+                reports.append(_quantize_fast_paths(work, model, fp32, text_ids, options, graphs, progress))
 
     if "coreml" in options.targets:
         progress(f"exporting Core ML step graph ({options.precision})")

@@ -99,15 +99,21 @@ def prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
 
 
 class StepGraph(nn.Module):
-    """(token, memory, pointer) -> (logits, memory_out, pointer_out): the LMN's own `step`, named."""
+    """(token, memory, pointer) -> (logits, memory_out, pointer_out): the LMN's own `step`, named.
 
-    def __init__(self, model: LMN, int_dtype: torch.dtype = torch.int64):
+    levels=None: valid at any pointer. levels=k, full: a fast path valid only where `LMN.step`
+    allows them (every row re-summarizes exactly k levels; every row's memory is full).
+    """
+
+    def __init__(self, model: LMN, int_dtype: torch.dtype = torch.int64, levels: int | None = None,
+                 full: bool = False):
         super().__init__()
         self.model = model
         self.int_dtype = int_dtype
+        self.levels, self.full = levels, full
 
     def forward(self, token: torch.Tensor, memory: torch.Tensor, pointer: torch.Tensor):
-        logits, after = self.model.step(token.long(), StepState(memory, pointer.long()))
+        logits, after = self.model.step(token.long(), StepState(memory, pointer.long()), self.levels, self.full)
         return logits, after.memory, after.pointer.to(self.int_dtype)
 
 
@@ -119,8 +125,11 @@ class KVStepGraph(StepGraph):
         return logits, after.keys, after.values, after.pointer.to(self.int_dtype)
 
 
-def step_graph(model: LMN | GPT, int_dtype: torch.dtype = torch.int64) -> StepGraph:
-    return (StepGraph if isinstance(model, LMN) else KVStepGraph)(model, int_dtype).eval()
+def step_graph(model: LMN | GPT, int_dtype: torch.dtype = torch.int64, levels: int | None = None,
+               full: bool = False) -> StepGraph:
+    if isinstance(model, LMN):
+        return StepGraph(model, int_dtype, levels, full).eval()
+    return KVStepGraph(model, int_dtype).eval()
 
 
 class PrefillGraph(nn.Module):

@@ -54,10 +54,12 @@ def _export(graph: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path, op
     path.write_bytes(proto.SerializeToString(deterministic=True))
 
 
-def export_step(model: LMN | GPT, path: Path, opset: int = DEFAULT_OPSET) -> GraphSpec:
+def export_step(model: LMN | GPT, path: Path, opset: int = DEFAULT_OPSET, levels: int | None = None,
+                full: bool = False) -> GraphSpec:
+    """The step graph; for an LMN with `levels` / `full`, a fast path valid only where they hold (`LMN.step`)."""
     spec = step_spec(model.config)
     args = (torch.zeros(2, dtype=torch.int64), *example_state(model, 2))
-    _export(step_graph(model), args, spec, path, opset)
+    _export(step_graph(model, levels=levels, full=full), args, spec, path, opset)
     return spec
 
 

@@ -15,10 +15,11 @@ from .validate import OutputDiff, ParityReport
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
 
-def _stream(predictor, ids: list[int]):
-    """Logits (T, V) of one row fed `ids` from the empty state (state outputs are `<input>_out`)."""
+def _stream(predictor, ids: list[int], start: int = 0):
+    """Logits (T, V) of one row fed `ids` from zero memory at pointer `start` (state outputs are `<input>_out`)."""
     state = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype=ORT_DTYPES[i.type])
              for i in predictor.session.get_inputs() if i.name != "token"}
+    state["pointer"] = np.array([start], dtype=np.int64)
     out = []
     for token in ids:
         got = predictor.predict({"token": np.array([token], dtype=np.int64), **state})
@@ -33,24 +34,33 @@ def _cross_entropy(logits: np.ndarray, targets: list[int]) -> float:
     return float(-logp[np.arange(len(targets)), targets].mean())
 
 
-def quantize_int8(source: Path, target: Path, text_ids: list[int], options) -> ParityReport:
-    """Write `target` (int8 weights, dynamic activations) and compare it with `source` on text."""
+def quantize_file(source: Path, target: Path) -> None:
+    """Write `target`: `source` with int8 weights and dynamically quantized activations."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from .export import OnnxPredictor
 
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-    fp32, int8 = OnnxPredictor(source), OnnxPredictor(target)
+
+
+def int8_report(fp32, int8, text_ids: list[int], options, graph: str = "onnx step int8", start: int = 0) -> ParityReport:
+    """Compare int8 and fp32 predictors streaming the text from pointer `start`: agreement and loss."""
     ids = text_ids[: options.parity_tokens + 1]
-    want, got = _stream(fp32, ids[:-1]), _stream(int8, ids[:-1])
+    want, got = _stream(fp32, ids[:-1], start), _stream(int8, ids[:-1], start)
     agreement = float((want.argmax(-1) == got.argmax(-1)).mean())
     loss_fp32, loss_int8 = _cross_entropy(want, ids[1:]), _cross_entropy(got, ids[1:])
-    report = ParityReport("onnx step int8", "onnxruntime", len(ids) - 1, 1, [0], [
+    report = ParityReport(graph, "onnxruntime", len(ids) - 1, 1, [start], [
         OutputDiff("next_token_disagreement", 1 - agreement, 1 - options.int8_min_agreement),
         OutputDiff("loss_increase_nats", max(0.0, loss_int8 - loss_fp32), options.int8_max_loss_increase),
     ])
     report.extra = {"agreement": agreement, "loss_fp32": loss_fp32, "loss_int8": loss_int8,
                     "max_logit_diff": float(np.abs(want - got).max())}
     return report
+
+
+def quantize_int8(source: Path, target: Path, text_ids: list[int], options) -> ParityReport:
+    """Write `target` (int8 weights, dynamic activations) and compare it with `source` on text."""
+    from .export import OnnxPredictor
+
+    quantize_file(source, target)
+    return int8_report(OnnxPredictor(source), OnnxPredictor(target), text_ids, options)

@@ -6,7 +6,7 @@ per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N
 Reference: "Logarithmic Memory Networks (LMNs): Efficient Long-Range Sequence Modeling for
 Resource-Constrained Environments". Deliberate differences from the paper's code: the step
 computes only the levels that change (an exported If per level), its attention reads the raw
-memory nodes through folded projections (`SingleVectorAttention.folded`) instead of projecting
+memory nodes through reassociated projections (`SingleVectorAttention.read`) instead of projecting
 every slot every token, and the validity mask is explicit rather than inferred from zero scores.
 """
 
@@ -32,6 +32,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written as a division by sqrt so onnxruntime fuses it into one SimplifiedLayerNormalization.
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+# A step folds its per-head query/key and value/output factors into single matrices when those
+# hold at most this many floats per layer (8 * n_embd^2 for 4 heads: n_embd 32 yes, 128 no).
+FOLD_MAX_WEIGHTS = 16384
 
 
 class SingleVectorAttention(nn.Module):
@@ -81,31 +86,33 @@ class SingleVectorAttention(nn.Module):
         """(..., H, D) -> (..., E)."""
         return self.out_proj(mixed.flatten(-2))
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The projections folded so one token can attend to raw slots (no per-slot projections).
+    def read(self, h: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One token attending to raw slots: h (B, E), slots (B, A, E), bias (B, 1, A) of 0/-inf
+        (None: every slot valid) -> (B, E).
 
-        score_h(s) = q_h . k_h(s) = (h @ w_qk + b_qk)_h . s + (a term constant over slots, which the
-        softmax ignores), and out = concat_h(weights_h @ v_h) @ W_o + b_o = concat_h(weights_h @ S)
-        @ w_ov + b_ov, because each head's weights sum to 1. Returns w_qk (E, H*E) pre-scaled,
-        b_qk (H*E,), w_ov (H*E, E), b_ov (E,).
+        Same math as query/key_value/score/weigh/output, reassociated so no slot is projected:
+        score_h(s) = (W_k,h^T q_h) . s + (a term constant over slots, which the softmax ignores),
+        and weights_h @ v_h = W_v,h (weights_h @ S) + b_v,h because each head's weights sum to 1.
+        Small models multiply the per-head factors into one matrix each (fewer operators); large
+        ones keep them apart (half the weight bytes read per token).
         """
         H, E = self.n_head, self.q_proj.in_features
         w_q, w_k, w_v = (p.weight.view(H, -1, E) for p in (self.q_proj, self.k_proj, self.v_proj))  # (H, D, E)
-        w_qk = (w_q.transpose(1, 2) @ w_k) * self.scale  # (H, E, E)
-        b_qk = (self.q_proj.bias.view(H, 1, -1) @ w_k).squeeze(1) * self.scale  # (H, E)
+        if H * E * E <= FOLD_MAX_WEIGHTS:
+            w_qk = (w_q.transpose(1, 2) @ w_k * self.scale).transpose(0, 1).flatten(1)  # (E, H*E)
+            b_qk = (self.q_proj.bias.view(H, 1, -1) @ w_k).flatten() * self.scale  # (H*E,)
+            qk = (h @ w_qk + b_qk).unflatten(-1, (H, E))  # (B, H, E)
+        else:
+            qk = (self.query(h).unsqueeze(-2) @ w_k).squeeze(-2)  # (B, H, 1, D) @ (H, D, E) -> (B, H, E)
+        scores = qk @ slots.transpose(-1, -2)  # (B, H, A)
+        weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
+        mixed = weights @ slots  # (B, H, E)
         w_o = self.out_proj.weight.view(E, H, -1).permute(1, 2, 0)  # (H, D, E)
-        w_ov = w_v.transpose(1, 2) @ w_o  # (H, E, E)
-        return w_qk.transpose(0, 1).flatten(1), b_qk.flatten(), w_ov.flatten(0, 1), self.out_proj(self.v_proj.bias)
-
-    def read(self, h: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """One token attending to its slots: h (B, E), slots (B, A, E), bias (B, 1, A) 0/-inf -> (B, E).
-
-        Same math as query/key_value/score/normalize/weigh/output, reassociated via `folded`.
-        """
-        w_qk, b_qk, w_ov, b_ov = self.folded()
-        qk = (h @ w_qk + b_qk).unflatten(-1, (self.n_head, -1))  # (B, H, E)
-        weights = torch.softmax(qk @ slots.transpose(-1, -2) + bias, dim=-1)  # (B, H, A)
-        return (weights @ slots).flatten(-2) @ w_ov + b_ov  # (B, E)
+        b_out = self.out_proj(self.v_proj.bias)  # (E,): the value bias, projected
+        if H * E * E <= FOLD_MAX_WEIGHTS:
+            return mixed.flatten(-2) @ (w_v.transpose(1, 2) @ w_o).flatten(0, 1) + b_out  # (B, H*E) @ (H*E, E)
+        per_head = (mixed.unsqueeze(-2) @ w_v.transpose(1, 2)).squeeze(-2)  # (B, H, 1, E) @ (H, E, D) -> (B, H, D)
+        return per_head.flatten(-2) @ self.out_proj.weight.T + b_out
 
 
 class FeedForward(nn.Module):
@@ -216,13 +223,15 @@ class LMN(nn.Module):
         memory = torch.zeros(batch_size, cfg.n_layer, cfg.n_slots, cfg.n_embd, dtype=dtype, device=device)
         return StepState(memory, torch.zeros(batch_size, dtype=torch.int64, device=device))
 
-    def step(self, tokens: torch.Tensor, state: StepState, levels: int | None = None) -> tuple[torch.Tensor, StepState]:
+    def step(self, tokens: torch.Tensor, state: StepState, levels: int | None = None,
+             full: bool = False) -> tuple[torch.Tensor, StepState]:
         """Sequential mode. tokens: (B,) int64 -> logits (B, V) and the state after them.
 
         `levels` = k promises that every row re-summarizes exactly k levels this step (k = the
         trailing zero bits of pointer+1, capped at max_levels-1), so only those k summaries are
         computed: a graph traced with it is a fast path valid at those pointers only. None: valid
-        at any pointers (traced: every level computed and selected per row).
+        at any pointers (traced: every level computed and selected per row). `full` promises that
+        every row's memory is full (pointer+1 >= 2^(max_levels-1)), so no slot needs masking.
         """
         cfg, memory = self.config, self.blocks[0].memory
         most = cfg.max_levels - 1
@@ -233,11 +242,13 @@ class LMN(nn.Module):
             counts = levels_changed(state.pointer, memory.block_sizes).unique().tolist()
             if levels is not None and counts != [levels]:
                 raise ValueError(f"levels={levels}, but at these pointers rows re-summarize {counts} levels")
+            if full and bool((state.pointer + 1 < 2**most).any()):
+                raise ValueError(f"full=True, but a row has seen fewer than {2**most - 1} tokens")
             levels = counts[0] if len(counts) == 1 else None
         exact = levels is not None
         levels = most if levels is None else levels
         x = self.embed(tokens)  # (B, E)
-        masks = memory.step_masks(state.pointer, x.dtype)  # the same for every layer
+        masks = memory.step_masks(state.pointer, x.dtype, full)  # the same for every layer
         old = state.memory.flatten(2)  # (B, N, S*E)
         new_memory = []
         for layer, block in enumerate(self.blocks):

@@ -32,11 +32,12 @@ class StepMasks(NamedTuple):
     """Per-step values shared by every layer, from the pointer alone.
 
     changed: (B, S*E) bool, which memory node elements a row replaces this step (level 0 always).
-    bias:    (B, 1, A) float, 0 for attention slots holding a complete block, -inf for empty ones.
+    bias:    (B, 1, A) float, 0 for attention slots holding a complete block, -inf for empty ones;
+             None when every slot is known to be valid.
     """
 
     changed: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
 
 
 def levels_changed(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
@@ -124,10 +125,13 @@ class LogMemory(nn.Module):
             nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
 
-    def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype) -> StepMasks:
-        """What a step at `pointer` (B,) needs, computed once for all layers (see `StepMasks`)."""
+    def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype, full: bool = False) -> StepMasks:
+        """What a step at `pointer` (B,) needs, computed once for all layers (see `StepMasks`);
+        `full`: every row has seen 2^(L-1)-1 tokens or more, so every slot is valid (no bias)."""
         changed = level_flags(pointer, self.node_block_sizes)  # (B, S); level 0 (size 1) always
         changed = changed.unsqueeze(-1).expand(-1, -1, self.n_embd).flatten(1)  # (B, S*E)
+        if full:
+            return StepMasks(changed, None)
         valid = self.valid(pointer)  # (B, A)
         zero = torch.zeros((), dtype=dtype, device=pointer.device)
         bias = torch.where(valid, zero, torch.full_like(zero, float("-inf"))).unsqueeze(1)  # (B, 1, A)
@@ -144,12 +148,14 @@ class LogMemory(nn.Module):
         """
         E, K = self.n_embd, self.n_bank
         computed, newer = [h], h  # new level 0, then each new level flattened over banks (B, K*E)
+        if levels:
+            weight, bias = self.summarize.pair_affine()  # (2*K*E, K*E), (K*E,): once for every level
         for i in range(1, levels + 1):
-            if i == 1:
-                newer = self.summarize.summarize_tokens(nodes[:, :E], h)
+            if i == 1:  # [previous token, this token] (B, 2E)
+                newer = torch.cat([nodes[:, :E], h], dim=1) @ self.summarize.token_pair_weight(weight) + bias
             else:
-                older = nodes[:, (1 + (i - 2) * K) * E : (1 + (i - 1) * K) * E]
-                newer = self.summarize.summarize_flat(torch.cat([older, newer], dim=1))
+                older = nodes[:, (1 + (i - 2) * K) * E : (1 + (i - 1) * K) * E]  # (B, K*E)
+                newer = torch.cat([older, newer], dim=1) @ weight + bias
             computed.append(newer)
         computed.append(nodes[:, (1 + levels * K) * E :])  # the levels that do not change
         computed = torch.cat(computed, dim=1)  # (B, S*E)

@@ -34,25 +34,18 @@ class PairSummarizer(nn.Module):
         """weight (2*K*E, K*E) and bias (K*E,) of the map [older (K*E), newer (K*E)] -> summary (K*E)."""
         raise NotImplementedError
 
-    def summarize_flat(self, pair: torch.Tensor) -> torch.Tensor:
-        """pair: (N, 2*K*E) = [older banks, newer banks] -> (N, K*E)."""
-        weight, bias = self.pair_affine()
-        return pair @ weight + bias
-
-    def summarize_tokens(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-        """Level 1, whose two nodes are single tokens shared by every bank: older, newer (N, E) -> (N, K*E).
-
-        Equal to summarize_flat of each token repeated over the banks, with the repeats folded into W.
-        """
-        weight, bias = self.pair_affine()
+    def token_pair_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """For level 1, whose two nodes are single tokens shared by every bank: the pair weight with
+        the bank repeats folded in, (2*K*E, K*E) -> (2E, K*E), so [older, newer] (N, 2E) @ it + bias
+        equals the summary of each token repeated over the banks."""
         K, E = self.n_bank, self.n_embd
-        folded = weight.view(2, K, E, K * E).sum(1).flatten(0, 1)  # (2E, K*E)
-        return torch.cat([older, newer], dim=-1) @ folded + bias
+        return weight.view(2, K, E, K * E).sum(1).flatten(0, 1)
 
     def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         """older, newer: (N, K, E) -> (N, K, E)."""
+        weight, bias = self.pair_affine()
         pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
-        return self.summarize_flat(pair).unflatten(-1, older.shape[-2:])  # (N, K, E)
+        return (pair @ weight + bias).unflatten(-1, older.shape[-2:])  # (N, K, E)
 
 
 class LinearSummarizer(PairSummarizer):

@@ -3,6 +3,10 @@
 A stepper owns one stream's state buffers. The onnxruntime stepper binds them once as OrtValues
 that share memory with numpy arrays and ping-pongs between two sets (inputs A -> outputs B, then
 B -> A), so a step copies no state: it writes one token id and reads the logits buffer.
+
+An LMN export may also hold fast paths: step graphs that compute only the k summary levels a
+token at a given pointer re-summarizes once the memory is full (`fast_path_levels`). The stepper
+binds the same buffers to each and picks the graph from the pointer, else the general graph.
 """
 
 from __future__ import annotations
@@ -29,14 +33,33 @@ def empty_state(graph: dict, batch: int = 1) -> dict[str, np.ndarray]:
     return state
 
 
-class OnnxStepper:
-    """One stream (batch 1) on an onnxruntime step session, through IO binding."""
+def summary_levels(pointer: int, max_levels: int) -> int:
+    """Summary levels a step at `pointer` re-summarizes: trailing zero bits of pointer+1, at most max_levels-1."""
+    lowest = (pointer + 1) & -(pointer + 1)
+    return min(lowest.bit_length() - 1, max_levels - 1)
 
-    def __init__(self, session, graph: dict):
+
+def fast_path_levels(pointer: int, max_levels: int) -> int | None:
+    """The fast path a step at `pointer` may take (`summary_levels`), or None while the memory is not
+    yet full (pointer+1 < 2^(max_levels-1): some slots still empty, so the general graph runs)."""
+    if pointer + 1 < 1 << (max_levels - 1):
+        return None
+    return summary_levels(pointer, max_levels)
+
+
+class OnnxStepper:
+    """One stream (batch 1) on an onnxruntime step session, through IO binding.
+
+    fast_paths: {k: session} of step graphs valid when the memory is full and the step
+    re-summarizes exactly k levels (manifest graphs "step_levels"); max_levels: the model's.
+    """
+
+    def __init__(self, session, graph: dict, fast_paths: dict[int, object] | None = None, max_levels: int = 0):
         import onnxruntime as ort
 
         self.session = session
         self.graph = graph
+        self.max_levels = max_levels
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
         self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
         self.token = np.zeros(1, dtype=self.token_dtype)
@@ -47,15 +70,22 @@ class OnnxStepper:
         values = lambda arrays: {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # noqa: E731
         token_value, logits_value = ort.OrtValue.ortvalue_from_numpy(self.token), ort.OrtValue.ortvalue_from_numpy(self.logits)
         ort_sets = [values(b) for b in self.buffers]
-        self.bindings = []
-        for src, dst in ((0, 1), (1, 0)):
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(graph["inputs"][0]["name"], token_value)
-            for name, out in self.pairs:
-                binding.bind_ortvalue_input(name, ort_sets[src][name])
-                binding.bind_ortvalue_output(out, ort_sets[dst][name])
-            binding.bind_ortvalue_output("logits", logits_value)
-            self.bindings.append(binding)
+
+        def bind(session):  # [binding reading set 0, binding reading set 1]
+            bindings = []
+            for src, dst in ((0, 1), (1, 0)):
+                binding = session.io_binding()
+                binding.bind_ortvalue_input(graph["inputs"][0]["name"], token_value)
+                for name, out in self.pairs:
+                    binding.bind_ortvalue_input(name, ort_sets[src][name])
+                    binding.bind_ortvalue_output(out, ort_sets[dst][name])
+                binding.bind_ortvalue_output("logits", logits_value)
+                bindings.append((session, binding))
+            return bindings
+
+        self.bindings = bind(session)
+        self.fast = {k: bind(s) for k, s in (fast_paths or {}).items()}
+        self.pointers = [b["pointer"] for b in self.buffers] if self.fast else None
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -69,7 +99,12 @@ class OnnxStepper:
     def step(self, token: int) -> np.ndarray:
         """Feed one token id; returns the logits (V,) (a view, valid until the next step)."""
         self.token[0] = token
-        self.session.run_with_iobinding(self.bindings[self.current])
+        bindings = self.bindings
+        if self.fast:
+            levels = fast_path_levels(int(self.pointers[self.current][0]), self.max_levels)
+            bindings = self.fast.get(levels, bindings)
+        session, binding = bindings[self.current]
+        session.run_with_iobinding(binding)
         self.current ^= 1
         return self.logits[0]
 

@@ -48,6 +48,9 @@ class ExportedModel:
             name = "step_int8" if precision == "int8" else "step"
             self.step_graph = self._graph(name, "onnx")
             self.session = self._session(self.step_graph["file"])
+            # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
+            fast = "step_levels_int8" if precision == "int8" else "step_levels"
+            self.fast_paths = {g["levels"]: self._session(g["file"]) for g in manifest.graphs("onnx") if g["name"] == fast}
         self.prefill_graphs = sorted(
             (g for g in manifest.graphs("onnx") if g["name"] == "prefill"), key=lambda g: g["size"]
         ) if backend == "onnxruntime" else []
@@ -72,7 +75,7 @@ class ExportedModel:
     def stepper(self):
         if self.backend == "coreml":
             return CoreMLStepper(self._coreml, self.step_graph)
-        return OnnxStepper(self.session, self.step_graph)
+        return OnnxStepper(self.session, self.step_graph, self.fast_paths, self.config.get("max_levels", 0))
 
     @property
     def max_prefill(self) -> int:
