@@ -14,7 +14,7 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -23,6 +23,8 @@ import numpy as np
 import runtime
 from runtime.backends import OnnxStepper
 from runtime.model import open_session
+
+from .decode_speed import SpeedSettings, bench_decode_speed
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 GPT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "baselines" / "gpt2-32"
@@ -149,6 +151,7 @@ class Settings:
     quality_chars: int | None = None
     step_all: bool = False
     seed: int = 0
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
 
 
 session = open_session
@@ -217,7 +220,7 @@ def bench_gpt(gpt_dir: Path, cfg: dict, contexts, s: Settings, log) -> list[dict
 
 def build_baselines(lmn_config: dict, max_context: int, work: Path, log) -> tuple[Path, dict, tuple[Path, dict]]:
     """Random-weight graphs for timing: a same-width GPT-2 with a cache of max_context rows (rows and
-    concat layouts), and the same LMN with its memory removed (max_levels 1: projections and FF only)."""
+    concat layouts), and the same LMN with its memory removed (max_levels 1: attention over the token alone)."""
     import torch
 
     from models import GPT, LMN, GPTConfig, LMNConfig
@@ -331,6 +334,10 @@ def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
         result["memory_overhead_ratio"] = lmn_1k["p50_us"] / bare_timing["p50_us"]
         log("time to first token")
         result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
+    if s.speed.presets:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["decode_speed"] = bench_decode_speed(model.directory, drive, dataclasses.replace(s.speed, threads=s.threads),
+                                                        Path(tmp), log)
     with tempfile.TemporaryDirectory() as tmp:
         gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
         result["quality"] = bench_quality(model, gpt, val, log)
@@ -357,6 +364,11 @@ def summarize(r: dict) -> dict:
            "lmn_contexts": [first, last],
            "lmn_state_bytes_constant": len({row["state_bytes"] for row in lmn.values()}) == 1,
            "memory_overhead_ratio": r["memory_overhead_ratio"]}
+    for row in r.get("decode_speed", []):
+        v = row["variants"]
+        out[row["preset"]] = {name: round(t["p50_us"], 1) for name, t in v.items()} | {
+            "ratio_p50_vs_no_memory": round(row["ratio_p50_vs_no_memory"], 2),
+            "ratio_mean_vs_no_memory": round(row["ratio_mean_vs_no_memory"], 2)}
     common = max(set(lmn) & set(inplace)) if set(lmn) & set(inplace) else None
     if common:
         out["at_context"] = common
@@ -377,8 +389,21 @@ def print_report(r: dict) -> None:
         click.echo(f"{row['model']:<6} {row['layout']:<11} {row['n_ctx']:>9,} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
                    f"{row['tokens_per_s']:>9,.0f} {row['state_bytes']:>13,} {row['rss_bytes'] / 2**20:>8.1f}  {row['reached_by']}")
     nm = r["no_memory"]
-    click.echo(f"\nLMN without memory (same width, FF + projections only): p50 {nm['p50_us']:.1f} us; "
+    click.echo(f"\nLMN without memory (same model and code, max_levels 1): p50 {nm['p50_us']:.1f} us; "
                f"memory overhead {r['memory_overhead_ratio']:.2f}x")
+    for row in r.get("decode_speed", []):
+        click.echo(f"\ndecode speed, {row['preset']} ({row['weights']} weights), us per token:")
+        click.echo(f"  {'variant':<17} {'p50':>8} {'mean':>8} {'p99':>8}  per-round p50")
+        for name, t in row["variants"].items():
+            rounds = " ".join(f"{x:.0f}" for x in t["round_p50_us"])
+            click.echo(f"  {name:<17} {t['p50_us']:>8.1f} {t['mean_us']:>8.1f} {t['p99_us']:>8.1f}  {rounds}")
+        py = row["python"]
+        click.echo(f"  vs no memory: p50 {row['ratio_p50_vs_no_memory']:.2f}x, mean {row['ratio_mean_vs_no_memory']:.2f}x; "
+                   f"runtime stepper overhead {py['overhead_us']:.1f} us/token (bare run {py['bare_run_us']:.1f} us)")
+        prof = row.get("profile_levels_0")
+        if prof:
+            top = ", ".join(f"{o['op']} {o['share']:.0%} ({o['nodes']})" for o in prof["ops"][:8])
+            click.echo(f"  profile, 0-level fast path ({prof['nodes_per_run']:.0f} nodes): {top}")
     click.echo("\ntime to first token (ms, median of 3):")
     for row in r["ttft"]:
         click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
@@ -428,17 +453,21 @@ def plot(r: dict, directory: Path) -> list[Path]:
 @click.option("--tokens", default=300, show_default=True, help="Timed tokens per repetition.")
 @click.option("--reps", default=3, show_default=True)
 @click.option("--step-all", is_flag=True, help="Reach LMN-only contexts by stepping too (1M tokens: minutes).")
+@click.option("--speed-presets", default="logmem-32,logmem-128", show_default=True,
+              help="Presets for the decode-speed section (comma-separated; empty to skip it).")
 @click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="Write PNG charts here.")
-def main(directory, threads, contexts, lmn_contexts, tokens, reps, step_all, quick, json_path, plot_dir):
+def main(directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, quick, json_path, plot_dir):
     """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache."""
     parse = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
     s = Settings(threads=threads, contexts=parse(contexts), lmn_only_contexts=parse(lmn_contexts),
-                 tokens=tokens, reps=reps, step_all=step_all)
+                 tokens=tokens, reps=reps, step_all=step_all,
+                 speed=SpeedSettings(presets=tuple(p.strip() for p in speed_presets.split(",") if p.strip())))
     if quick:
         s = dataclasses.replace(s, contexts=(1024, 4096), lmn_only_contexts=(16384,), tokens=50, reps=2,
-                                warmup=10, prompts=(64, 512), quality_chars=4096)
+                                warmup=10, prompts=(64, 512), quality_chars=4096,
+                                speed=dataclasses.replace(s.speed, presets=s.speed.presets[:1], tokens=100, rounds=2))
     try:
         result = run(directory, s, log=lambda m: click.echo(f"... {m}", err=True))
     except (runtime.ManifestError, runtime.BackendError) as e:

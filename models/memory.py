@@ -133,8 +133,8 @@ class LogMemory(nn.Module):
         if full:
             return StepMasks(changed, None)
         valid = self.valid(pointer)  # (B, A)
-        zero = torch.zeros((), dtype=dtype, device=pointer.device)
-        bias = torch.where(valid, zero, torch.full_like(zero, float("-inf"))).unsqueeze(1)  # (B, 1, A)
+        ones = valid.to(dtype)  # 0/1; full-shape operands (Core ML mis-broadcasts scalar `where` operands)
+        bias = torch.where(valid, ones * 0, ones - float("inf")).unsqueeze(1)  # (B, 1, A)
         return StepMasks(changed, bias)
 
     def update(self, h: torch.Tensor, nodes: torch.Tensor, levels: int, changed: torch.Tensor | None) -> torch.Tensor:

@@ -58,7 +58,8 @@ class LinearSummarizer(PairSummarizer):
 
     def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         older, newer = self.weight[:, : self.n_embd], self.weight[:, self.n_embd :]  # (K, E, E) each
-        return torch.cat([block_diagonal(older), block_diagonal(newer)]), self.bias.flatten()
+        K, E = self.n_bank, self.n_embd
+        return torch.cat([block_diagonal(older, K, E), block_diagonal(newer, K, E)]), self.bias.flatten()
 
 
 class ConvSummarizer(PairSummarizer):
@@ -90,7 +91,8 @@ class DepthwiseSeparableSummarizer(PairSummarizer):
     def pair_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         # pointwise(older * d0 + newer * d1 + db) = older @ (d0 * P) + newer @ (d1 * P) + (db @ P + pb)
         scaled = self.depthwise.unsqueeze(-1) * self.pointwise.unsqueeze(1)  # (K, 2, E, E)
-        weight = torch.cat([block_diagonal(scaled[:, 0]), block_diagonal(scaled[:, 1])])
+        K, E = self.n_bank, self.n_embd
+        weight = torch.cat([block_diagonal(scaled[:, 0], K, E), block_diagonal(scaled[:, 1], K, E)])
         bias = (self.depthwise_bias.unsqueeze(1) @ self.pointwise).squeeze(1) + self.pointwise_bias  # (K, E)
         return weight, bias.flatten()
 
@@ -115,11 +117,14 @@ class Expander(nn.Module):
         return out.unflatten(-1, (self.slots, -1)) + self.bias.unsqueeze(-2)  # (N, K, X, E)
 
 
-def block_diagonal(weight: torch.Tensor) -> torch.Tensor:
-    """(K, I, O) per-bank weights -> (K*I, K*O) block-diagonal matrix (bank k maps inputs k*I.. to outputs k*O..)."""
-    K, I, O = weight.shape
+def block_diagonal(weight: torch.Tensor, n_bank: int, n_embd: int) -> torch.Tensor:
+    """(K, E, E) per-bank weights -> (K*E, K*E) block-diagonal matrix (bank k maps inputs k*E.. to outputs k*E..).
+
+    Shapes come from the config, not from `weight.shape`, so Core ML's tracer sees constants.
+    """
+    K, E = n_bank, n_embd
     eye = torch.eye(K, dtype=weight.dtype, device=weight.device)  # (K, K)
-    return (eye.view(K, 1, K, 1) * weight.unsqueeze(2)).reshape(K * I, K * O)
+    return (eye.view(K, 1, K, 1) * weight.unsqueeze(2)).reshape(K * E, K * E)
 
 
 def per_bank_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

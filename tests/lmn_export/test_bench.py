@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from lmn_export.bench import KVConcatStepper, KVRowsStepper, Settings, Timing, run, session, summarize
+from lmn_export.decode_speed import (NO_MEMORY, SpeedSettings, export_no_memory, profile_graph, python_overhead_us,
+                                     steppers, time_interleaved)
 from lmn_export.onnx_export import export_kv_layout
 from models import GPT, GPTConfig
 
@@ -58,7 +60,7 @@ def test_summary_ratios():
 
 def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
     s = Settings(contexts=(64,), lmn_only_contexts=(256,), tokens=5, reps=2, warmup=2, prompts=(16,),
-                 quality_chars=200)
+                 quality_chars=200, speed=SpeedSettings(presets=()))
     result = run(export_dir, s, log=lambda m: None)
     lmn = [r for r in result["decode"] if r["model"] == "lmn"]
     assert [r["n_ctx"] for r in lmn] == [64, 256] and len({r["state_bytes"] for r in lmn}) == 1
@@ -67,3 +69,22 @@ def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
     assert gpt[0]["state_bytes"] > lmn[0]["state_bytes"]
     assert result["memory_overhead_ratio"] > 0 and {r["variant"] for r in result["ttft"]} >= {"lmn prefill"}
     json.dumps(result)  # --json writes exactly this
+
+
+def test_decode_speed_pieces_on_a_tiny_export(export_dir, tmp_path):
+    """The decode-speed section's steppers, interleaved timing, stepper overhead and profile run."""
+    import runtime
+
+    steps = steppers(export_dir, 1)
+    assert set(steps) == {"general", "fast paths"}  # this export has no int8 graphs
+    config = runtime.read_manifest(export_dir).model
+    bare = steppers(export_no_memory(config, tmp_path, log=lambda m: None), 1)
+    steps[NO_MEMORY] = bare["general"]
+    drive = [1, 2, 3, 4, 5] * 100
+    timings = time_interleaved(steps, drive, SpeedSettings(tokens=20, rounds=2, fill=200))
+    assert set(timings) == set(steps) and all(t["n_tokens"] == 40 for t in timings.values())
+    py = python_overhead_us(steps["fast paths"], pointer=2**20 - 2, n=50)
+    assert py["bare_run_us"] > 0 and py["stepper_step_us"] > 0
+    level0 = runtime.read_manifest(export_dir).graph("step_levels")
+    profile = profile_graph(export_dir / level0["file"], config, pointer=2**20 - 2, runs=5)
+    assert profile["nodes_per_run"] > 0 and abs(sum(o["share"] for o in profile["ops"]) - 1) < 1e-6

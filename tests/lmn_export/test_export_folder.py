@@ -19,7 +19,24 @@ def test_full_export_passes_every_check(full_export):
     assert full_export.passed, [r.to_dict() for r in full_export.reports if not r.passed]
     graphs = {r.graph for r in full_export.reports}
     assert graphs == {"onnx step", "onnx prefill 24", "onnx step int8", "coreml step (fp32)",
-                      "coreml stateful @0", "coreml stateful @16777116", "coreml stateful @2147482624"}
+                      "coreml stateful @0", "coreml stateful @16777116", "coreml stateful @2147482624",
+                      "onnx fast paths @0", "onnx fast paths @16777116", "onnx fast paths @2147482624",
+                      "onnx int8 fast paths"}
+
+
+def test_fast_paths_listed_and_used(full_export):
+    """Fast paths for k = 0..3 summary levels (fp32 and int8), each taken during its parity stream."""
+    manifest = read_manifest(full_export.directory)
+    for name, precision in (("step_levels", "fp32"), ("step_levels_int8", "int8")):
+        graphs = [g for g in manifest.graphs("onnx") if g["name"] == name]
+        assert [g["levels"] for g in graphs] == [0, 1, 2, 3] and {g["precision"] for g in graphs} == {precision}
+        assert all("memory full" in g["valid_when"] for g in graphs)
+    used = next(r for r in full_export.reports if r.graph == "onnx fast paths @16777116").extra["fast_path_steps"]
+    assert set(used) == {"0", "1", "2", "3"}
+    import runtime
+
+    for precision in ("fp32", "int8"):
+        assert set(runtime.load(full_export.directory, precision=precision).fast_paths) == {0, 1, 2, 3}
 
 
 def test_manifest_schema(full_export):

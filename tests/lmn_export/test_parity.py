@@ -101,3 +101,39 @@ def test_coreml_fp16_within_documented_bound(tmp_path):
                            FP16_ATOL, "coreml fp16", runner)
     report.raise_for_failure()
     assert max(o.max_abs_diff for o in report.outputs) > 1e-6  # it really computed in half precision
+
+
+@pytest.mark.parametrize("name", ["linear-2bank-expand2", "conv-1bank-expand1", "dwsep-2bank"])
+def test_fast_paths_stream_with_parity(name, tmp_path):
+    """Fast-path graphs (exactly k levels, full memory), picked per token as the runtime picks them,
+    stream what the PyTorch step streams; every k is exercised from each start pointer."""
+    from lmn_export.export import FastPathPredictor
+
+    model = tiny_model(**VARIANTS[name])
+    levels = model.config.max_levels
+    spec = onnx_export.export_step(model, tmp_path / "step.onnx")
+    fast = {}
+    for k in range(levels):
+        onnx_export.export_step(model, tmp_path / f"fast{k}.onnx", levels=k, full=True)
+        fast[k] = OnnxPredictor(tmp_path / f"fast{k}.onnx")
+    tokens = tokens_for(model, 2**levels + 8)  # from pointer 0: fills the memory, then every k
+    for row, pointer in enumerate(start_pointers(model, tokens.shape[1])):
+        predictor = FastPathPredictor(OnnxPredictor(tmp_path / "step.onnx"), fast, levels)
+        report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], FP32_ATOL, "fast", "ort")
+        report.raise_for_failure()
+        assert set(predictor.used) == set(range(levels)), (pointer, predictor.used)
+
+
+def test_fast_path_at_the_wrong_pointer_fails_parity(tmp_path):
+    """Negative control: the 0-level fast path run where a level re-summarizes leaves a stale
+    summary, which the parity check catches (so the dispatch rule is what makes fast paths right)."""
+    from lmn_export.export import FastPathPredictor
+
+    model = tiny_model()
+    spec = onnx_export.export_step(model, tmp_path / "step.onnx")
+    onnx_export.export_step(model, tmp_path / "fast0.onnx", levels=0, full=True)
+    wrong = OnnxPredictor(tmp_path / "fast0.onnx")
+    predictor = FastPathPredictor(OnnxPredictor(tmp_path / "step.onnx"), {k: wrong for k in range(6)}, 6)
+    report = stream_parity(model, predictor, spec, tokens_for(model, 8)[:1], [2**24 - 100], FP32_ATOL, "fast", "ort")
+    with pytest.raises(AtolError, match="memory_out"):
+        report.raise_for_failure()

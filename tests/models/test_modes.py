@@ -129,3 +129,36 @@ def test_gpt_cache_layouts_agree(layout):
             else:
                 keys[:, :, :, t], values[:, :, :, t] = k, v  # the caller's in-place row write
             torch.testing.assert_close(logits, parallel[:, t], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_step_attention_folded_and_factored(fold, monkeypatch):
+    """The step reads raw slots through projections multiplied together (small models) or kept as
+    per-head factors (large ones); both are the parallel pass's attention, reassociated."""
+    import models.lmn
+
+    monkeypatch.setattr(models.lmn, "FOLD_MAX_WEIGHTS", 1 << 30 if fold else 0)
+    assert_modes_agree(make(dataclasses.replace(TINY, n_head=4)), 70)
+
+
+def test_exact_level_steps_equal_the_general_step():
+    """A step told how many levels every row re-summarizes (the exported fast paths) computes what
+    the general step computes; a wrong promise is refused in eager mode, not silently obeyed."""
+    model = make(VARIANTS["conv-bank2-expand2"])
+    state = model.init_state(1)
+    state.memory.normal_(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for pointer, levels in ((40, 0), (41, 1), (47, 4), (63, 5), (2**31 - 1, 5)):
+            state.pointer = torch.tensor([pointer])
+            want = model.step(torch.tensor([3]), state)
+            got = model.step(torch.tensor([3]), state, levels=levels, full=True)
+            torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(got[1].memory, want[1].memory, atol=ATOL, rtol=0)
+        state.pointer = torch.tensor([41])
+        with pytest.raises(ValueError, match="re-summarize"):
+            model.step(torch.tensor([3]), state, levels=0)
+        state.pointer = torch.tensor([30])  # 31 tokens seen: level 5 (32 tokens) still empty
+        with pytest.raises(ValueError, match="full=True"):
+            model.step(torch.tensor([3]), state, levels=0, full=True)
+        with pytest.raises(ValueError, match="levels must be in"):
+            model.step(torch.tensor([3]), state, levels=6)
