@@ -80,10 +80,11 @@ class LogMemory(nn.Module):
         B, T, E = h.shape
         level = h.unsqueeze(2).expand(B, T, self.n_bank, E)  # (B, T, K, E) level 0 in every bank
         levels = []
+        affine = self.summarize.pair_affine() if self.max_levels > 1 else None  # once for every level
         for _ in range(1, self.max_levels):
             n = level.shape[1] // 2
             pairs = level[:, : 2 * n].unflatten(1, (n, 2))  # (B, n, 2, K, E)
-            level = self.summarize(pairs[:, :, 0], pairs[:, :, 1])  # (B, n, K, E)
+            level = self.summarize(pairs[:, :, 0], pairs[:, :, 1], affine)  # (B, n, K, E)
             levels.append(level)
         return levels
 

@@ -41,9 +41,10 @@ class PairSummarizer(nn.Module):
         K, E = self.n_bank, self.n_embd
         return weight.view(2, K, E, K * E).sum(1).flatten(0, 1)
 
-    def forward(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-        """older, newer: (N, K, E) -> (N, K, E)."""
-        weight, bias = self.pair_affine()
+    def forward(self, older: torch.Tensor, newer: torch.Tensor,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """older, newer: (N, K, E) -> (N, K, E); `affine`: `pair_affine()`, when the caller reuses it."""
+        weight, bias = affine if affine is not None else self.pair_affine()
         pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
         return (pair @ weight + bias).unflatten(-1, older.shape[-2:])  # (N, K, E)
 
