@@ -144,8 +144,8 @@ class Settings:
     threads: int = 1
     contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
     lmn_only_contexts: tuple[int, ...] = (1 << 20,)
-    tokens: int = 300
-    reps: int = 3
+    tokens: int = 90  # per repetition: short repetitions, many of them, spread a slow phase of the machine
+    reps: int = 10
     warmup: int = 30
     prompts: tuple[int, ...] = (64, 512, 4096)
     quality_chars: int | None = None
@@ -466,8 +466,8 @@ def plot(r: dict, directory: Path) -> list[Path]:
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--contexts", default="1024,4096,16384,65536", show_default=True, help="Shared contexts (comma-separated).")
 @click.option("--lmn-contexts", default="1048576", show_default=True, help="Extra LMN-only contexts.")
-@click.option("--tokens", default=300, show_default=True, help="Timed tokens per repetition.")
-@click.option("--reps", default=3, show_default=True)
+@click.option("--tokens", default=90, show_default=True, help="Timed tokens per repetition.")
+@click.option("--reps", default=10, show_default=True)
 @click.option("--step-all", is_flag=True, help="Reach LMN-only contexts by stepping too (1M tokens: minutes).")
 @click.option("--speed-presets", default="logmem-32,logmem-128", show_default=True,
               help="Presets for the decode-speed section (comma-separated; empty to skip it).")
