@@ -245,6 +245,8 @@ class LMN(nn.Module):
             if full and bool((state.pointer + 1 < 2**most).any()):
                 raise ValueError(f"full=True, but a row has seen fewer than {2**most - 1} tokens")
             levels = counts[0] if len(counts) == 1 else None
+        if most == 0:  # no summary levels: every row re-summarizes exactly 0, its one slot is always valid
+            levels, full = 0, True
         exact = levels is not None
         levels = most if levels is None else levels
         x = self.embed(tokens)  # (B, E)
