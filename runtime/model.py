@@ -15,17 +15,11 @@ BACKENDS = ("onnxruntime", "coreml")
 DEFAULT_EXPORT = Path(__file__).parent / "default"
 
 
-# Shared weights up to this size are used as they are (prepacking off), so every session reads
-# the one copy; above it, onnxruntime's prepacked matmul layout is worth a private copy per session
-# (measured: LogMem-32's 0.6 MB runs faster unpacked and shared, LogMem-128's 4+ MB 2x slower).
-SHARED_UNPACKED_MAX_BYTES = 1 << 20
-
-
-def open_session(path: Path | str, threads: int = 1, initializers: dict | None = None, prepack: bool = True):
+def open_session(path: Path | str, threads: int = 1, initializers: dict | None = None):
     """An onnxruntime CPU session: `threads` intra-op threads (1: the embedded case), all graph optimizations.
 
     initializers: {name: OrtValue} buffers that replace the graph's own weights, shared with other
-    sessions; prepack=False keeps matmuls reading them as they are instead of a private packed copy.
+    sessions; prepacking is then off, since it would give each session a private copy again.
     """
     import onnxruntime as ort
 
@@ -33,9 +27,8 @@ def open_session(path: Path | str, threads: int = 1, initializers: dict | None =
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
     if initializers:
+        options.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in initializers.items():
             options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -86,7 +79,6 @@ class ExportedModel:
 
         with np.load(self.directory / name, allow_pickle=False) as data:
             self._shared_arrays = {key: np.ascontiguousarray(data[key]) for key in data.files}
-        self._prepack = sum(a.nbytes for a in self._shared_arrays.values()) > SHARED_UNPACKED_MAX_BYTES
         return {key: ort.OrtValue.ortvalue_from_numpy(a) for key, a in self._shared_arrays.items()}
 
     def _session(self, file: str, graph: dict | None = None):
@@ -94,8 +86,7 @@ class ExportedModel:
         missing = set(keys.values()) - set(self._shared)
         if missing:
             raise ManifestError(f"{self.directory}: {file} names shared weights the export lacks; re-export the model")
-        shared = {name: self._shared[k] for name, k in keys.items()}
-        return open_session(self.directory / file, self.threads, shared, prepack=not shared or self._prepack)
+        return open_session(self.directory / file, self.threads, {name: self._shared[k] for name, k in keys.items()})
 
     @property
     def state_bytes(self) -> int:
