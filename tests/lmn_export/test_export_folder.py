@@ -37,13 +37,6 @@ def test_fast_paths_listed_and_used(full_export):
 
     for precision in ("fp32", "int8"):
         assert set(runtime.load(full_export.directory, precision=precision).fast_paths) == {0, 1, 2, 3}
-    # every weight of the graphs the runtime switches among is stored once and named by each graph
-    steps = [g for g in manifest.graphs("onnx") if g["name"].startswith("step")]
-    assert all(g["shared_initializers"] for g in steps)
-    import numpy as np
-
-    with np.load(full_export.directory / manifest.data["shared_weights"]) as shared:
-        assert set(shared.files) == {k for g in steps for k in g["shared_initializers"].values()}
 
 
 def test_manifest_schema(full_export):
@@ -61,7 +54,7 @@ def test_manifest_schema(full_export):
     assert manifest.graph("step_stateful", "coreml")["precision"] == "fp16"
     assert data["state_bytes_per_stream"] == TINY.n_layer * TINY.n_slots * TINY.n_embd * 4 + 8
     assert len(data["source"]["sha256"]) == 64
-    assert set(data["files"]) == {g["file"] for g in data["graphs"]} | {data["shared_weights"]}
+    assert set(data["files"]) == {g["file"] for g in data["graphs"]}
     for name, facts in data["files"].items():
         assert (full_export.directory / name).exists() and facts["bytes"] > 0
 

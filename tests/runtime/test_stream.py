@@ -45,17 +45,13 @@ def test_prefill_equals_stepping(export_dir):
 
 
 def test_fast_paths_stream_like_the_general_graph(export_dir):
-    """The stepper's per-token choice of fast path, on weights shared between sessions, changes
-    nothing but speed: 300 tokens (past the point where the memory is full, every k) match the
-    general step graph run alone in a session of its own."""
+    """The stepper's per-token choice of fast path changes nothing but speed: 300 tokens (past the
+    point where the memory is full, every k) match the general step graph run alone."""
     from runtime.backends import OnnxStepper
-    from runtime.model import open_session
 
     model = runtime.load(export_dir)
     assert set(model.fast_paths) == {0, 1, 2, 3} and model.config["max_levels"] == 8
-    assert model.manifest.data["shared_weights"] and model.step_graph["shared_initializers"]
-    plain = open_session(export_dir / model.step_graph["file"])  # the graph file's own weights
-    fast, general = model.stepper(), OnnxStepper(plain, model.step_graph)
+    fast, general = model.stepper(), OnnxStepper(model.session, model.step_graph)
     ids = model.vocab.encode((PROMPT * 5)[:300])
     for i in ids:
         np.testing.assert_allclose(fast.step(i), general.step(i), atol=1e-5)  # fp32, other graphs: ~1e-6
