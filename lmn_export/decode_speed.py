@@ -19,7 +19,11 @@ import numpy as np
 
 import runtime
 from runtime.backends import OnnxStepper, fast_path_levels
+from runtime.model import open_session
 
+# Variants: name -> (general graph, fast-path graph name or None)
+VARIANTS = {"general": ("step", None), "fast paths": ("step", "step_levels"),
+            "fast paths int8": ("step_int8", "step_levels_int8")}
 NO_MEMORY = "no memory"
 NO_MEMORY_INT8 = "no memory int8"
 
@@ -84,33 +88,28 @@ def export_no_memory(config: dict, work: Path, log) -> Path:
 
 
 def write_manifest(out: Path, cfg, graphs: list[dict]) -> None:
-    """A minimal manifest the runtime loads: the graphs, their shared weights, file hashes."""
     from runtime import manifest as schema
 
-    from .shared_weights import FILE, write_shared_weights
-
-    index = write_shared_weights(out, [g["file"] for g in graphs])
-    for g in graphs:
-        g["shared_initializers"] = index[g["file"]]
-    files = {name: {"sha256": schema.file_digest(out / name), "bytes": schema.file_size(out / name)}
-             for name in [g["file"] for g in graphs] + [FILE]}
+    files = {g["file"]: {"sha256": schema.file_digest(out / g["file"]), "bytes": schema.file_size(out / g["file"])}
+             for g in graphs}
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))
     data = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "model": cfg.to_dict(), "vocab": vocab,
-            "state_bytes_per_stream": 0, "graphs": graphs, "files": files, "shared_weights": FILE}
+            "state_bytes_per_stream": 0, "graphs": graphs, "files": files}
     (out / schema.MANIFEST).write_text(json.dumps(data, indent=2))
 
 
 def steppers(directory: Path, threads: int) -> dict[str, OnnxStepper]:
-    """One stepper per variant the export folder holds, built as the runtime builds them."""
+    """One stepper per variant the export folder holds (sessions opened here, shared by nothing else)."""
+    manifest = runtime.read_manifest(directory)
+    graphs = manifest.data["graphs"]
+    max_levels = manifest.model.get("max_levels", 1)
     out = {}
-    fp32 = runtime.load(directory, threads=threads)
-    out["general"] = OnnxStepper(fp32.session, fp32.step_graph)
-    if fp32.fast_paths:
-        out["fast paths"] = fp32.stepper()
-    if fp32.manifest.graph("step_int8") is not None:
-        int8 = runtime.load(directory, threads=threads, precision="int8")
-        if int8.fast_paths:
-            out["fast paths int8"] = int8.stepper()
+    for variant, (general, fast) in VARIANTS.items():
+        step = next((g for g in graphs if g["name"] == general and g["target"] == "onnx"), None)
+        paths = {g["levels"]: open_session(directory / g["file"], threads) for g in graphs if g["name"] == fast}
+        if step is None or (fast and not paths):
+            continue
+        out[variant] = OnnxStepper(open_session(directory / step["file"], threads), step, paths, max_levels)
     return out
 
 
@@ -212,8 +211,8 @@ def bench_decode_speed(shipped: Path, drive: list[int], s: SpeedSettings, work: 
         steps = steppers(directory, s.threads)
         bare = steppers(bare_dir, s.threads)
         steps[NO_MEMORY] = bare["general"]
-        int8 = runtime.load(bare_dir, threads=s.threads, precision="int8")
-        steps[NO_MEMORY_INT8] = OnnxStepper(int8.session, int8.step_graph)
+        int8 = runtime.read_manifest(bare_dir).graph("step_int8")
+        steps[NO_MEMORY_INT8] = OnnxStepper(open_session(bare_dir / int8["file"], s.threads), int8)
         log(f"{name}: timing {', '.join(steps)} ({s.rounds} rounds x {s.tokens} tokens each)")
         timings = time_interleaved(steps, drive, s)
         pointer = (1 << cfg["max_levels"]) - 2 + 2 * 1024  # memory full, pointer+1 odd: 0 summary levels

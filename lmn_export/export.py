@@ -26,7 +26,6 @@ from . import coreml_export, onnx_export
 from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .parity_text import parity_ids
-from .shared_weights import FILE as SHARED_WEIGHTS, write_shared_weights
 from .validate import (FP16_ATOL, FP32_ATOL, START_POINTERS, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
 
@@ -279,15 +278,10 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                 reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], atol or FP16_ATOL,
                                              f"coreml stateful @{pointer}", runner))
 
-    shared = [g for g in graphs if g["target"] == "onnx" and g["name"].startswith("step")]
-    if len(shared) > 1:  # the runtime switches among these per token: one copy of their weights
-        index = write_shared_weights(work, [g["file"] for g in shared])
-        for entry in shared:
-            entry["shared_initializers"] = index[entry["file"]]
     files = {}
-    for name in [g["file"] for g in graphs] + ([SHARED_WEIGHTS] if len(shared) > 1 else []):
-        path = work / name
-        files[name] = {"sha256": manifest_schema.file_digest(path), "bytes": manifest_schema.file_size(path)}
+    for entry in graphs:
+        path = work / entry["file"]
+        files[entry["file"]] = {"sha256": manifest_schema.file_digest(path), "bytes": manifest_schema.file_size(path)}
     step = next(g for g in graphs if g["name"] == "step")
     manifest = {
         "format": manifest_schema.FORMAT,
@@ -298,7 +292,6 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         "state_bytes_per_stream": state_bytes(step),
         "graphs": graphs,
         "files": files,
-        **({"shared_weights": SHARED_WEIGHTS} if len(shared) > 1 else {}),
         "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
         "parity": {"text": text_source, "reports": [r.to_dict() for r in reports]},
     }

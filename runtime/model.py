@@ -15,22 +15,14 @@ BACKENDS = ("onnxruntime", "coreml")
 DEFAULT_EXPORT = Path(__file__).parent / "default"
 
 
-def open_session(path: Path | str, threads: int = 1, initializers: dict | None = None):
-    """An onnxruntime CPU session: `threads` intra-op threads (1: the embedded case), all graph optimizations.
-
-    initializers: {name: OrtValue} buffers that replace the graph's own weights, shared with other
-    sessions; prepacking is then off, since it would give each session a private copy again.
-    """
+def open_session(path: Path | str, threads: int = 1):
+    """An onnxruntime CPU session: `threads` intra-op threads (1: the embedded case), all graph optimizations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if initializers:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        for name, value in initializers.items():
-            options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -49,17 +41,16 @@ class ExportedModel:
         self.config = manifest.model
         self._lock = threading.Lock()
         self._prefill_sessions: dict[int, object] = {}
-        self._shared = self._shared_weights() if backend == "onnxruntime" else {}
         if backend == "coreml":
             self.step_graph = self._graph("step", "coreml")
             self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]))
         else:
             name = "step_int8" if precision == "int8" else "step"
             self.step_graph = self._graph(name, "onnx")
-            self.session = self._session(self.step_graph["file"], self.step_graph)
+            self.session = self._session(self.step_graph["file"])
             # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
             fast = "step_levels_int8" if precision == "int8" else "step_levels"
-            self.fast_paths = {g["levels"]: self._session(g["file"], g) for g in manifest.graphs("onnx") if g["name"] == fast}
+            self.fast_paths = {g["levels"]: self._session(g["file"]) for g in manifest.graphs("onnx") if g["name"] == fast}
         self.prefill_graphs = sorted(
             (g for g in manifest.graphs("onnx") if g["name"] == "prefill"), key=lambda g: g["size"]
         ) if backend == "onnxruntime" else []
@@ -70,23 +61,8 @@ class ExportedModel:
             raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}")
         return graph
 
-    def _shared_weights(self) -> dict:
-        """The export's shared weight arrays as OrtValues ({} without them); the arrays stay referenced."""
-        name = self.manifest.data.get("shared_weights")
-        if not name:
-            return {}
-        import onnxruntime as ort
-
-        with np.load(self.directory / name, allow_pickle=False) as data:
-            self._shared_arrays = {key: np.ascontiguousarray(data[key]) for key in data.files}
-        return {key: ort.OrtValue.ortvalue_from_numpy(a) for key, a in self._shared_arrays.items()}
-
-    def _session(self, file: str, graph: dict | None = None):
-        keys = (graph or {}).get("shared_initializers", {})
-        missing = set(keys.values()) - set(self._shared)
-        if missing:
-            raise ManifestError(f"{self.directory}: {file} names shared weights the export lacks; re-export the model")
-        return open_session(self.directory / file, self.threads, {name: self._shared[k] for name, k in keys.items()})
+    def _session(self, file: str):
+        return open_session(self.directory / file, self.threads)
 
     @property
     def state_bytes(self) -> int:
