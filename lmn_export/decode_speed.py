@@ -18,12 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import runtime
-from runtime.backends import OnnxStepper, fast_path_levels
-from runtime.model import open_session
+from runtime.backends import OnnxStepper, empty_state, fast_path_levels
 
-# Variants: name -> (general graph, fast-path graph name or None)
-VARIANTS = {"general": ("step", None), "fast paths": ("step", "step_levels"),
-            "fast paths int8": ("step_int8", "step_levels_int8")}
 NO_MEMORY = "no memory"
 NO_MEMORY_INT8 = "no memory int8"
 
@@ -38,32 +34,23 @@ class SpeedSettings:
 
 
 def export_preset(name: str, work: Path, vocab_size: int, log) -> Path:
-    """A random-weight export of a preset with the same graph set as `lmn-export --quantize int8`."""
+    """A random-weight export of a preset with the same step graphs as `lmn-export --quantize int8`."""
     import torch
 
     from models import LMN
     from models.config import preset
     from . import onnx_export
-    from .export import DEFAULT_FAST_PATHS
-    from .quantize import quantize_file
+    from .export import DEFAULT_FAST_PATHS, write_fast_paths
 
     torch.manual_seed(0)
-    cfg = preset(name, vocab_size)
-    model = LMN(cfg).eval()
+    model = LMN(preset(name, vocab_size)).eval()
     out = work / name
     out.mkdir()
     log(f"{name}: exporting random-weight step graphs (general, fast paths, int8)")
-    spec = onnx_export.export_step(model, out / "model.onnx").to_dict()
-    graphs = [{"name": "step", "target": "onnx", "file": "model.onnx", **spec}]
-    quantize_file(out / "model.onnx", out / "model.int8.onnx")
-    graphs.append({"name": "step_int8", "target": "onnx", "file": "model.int8.onnx", **spec})
-    for k in range(min(DEFAULT_FAST_PATHS, cfg.max_levels)):
-        onnx_export.export_step(model, out / f"step_levels_{k}.onnx", levels=k, full=True)
-        quantize_file(out / f"step_levels_{k}.onnx", out / f"step_levels_{k}.int8.onnx")
-        graphs.append({"name": "step_levels", "levels": k, "target": "onnx", "file": f"step_levels_{k}.onnx", **spec})
-        graphs.append({"name": "step_levels_int8", "levels": k, "target": "onnx", "file": f"step_levels_{k}.int8.onnx", **spec})
-    write_manifest(out, cfg, graphs)
-    return out
+    spec = onnx_export.export_step(model, out / "model.onnx")
+    graphs = [{"name": "step", "target": "onnx", "file": "model.onnx", **spec.to_dict()}]
+    graphs += write_fast_paths(model, out, DEFAULT_FAST_PATHS, onnx_export.DEFAULT_OPSET, spec)
+    return write_step_export(out, model.config, graphs)
 
 
 def export_no_memory(config: dict, work: Path, log) -> Path:
@@ -72,7 +59,6 @@ def export_no_memory(config: dict, work: Path, log) -> Path:
 
     from models import LMN, LMNConfig
     from . import onnx_export
-    from .quantize import quantize_file
 
     torch.manual_seed(0)
     fields = {f.name for f in dataclasses.fields(LMNConfig)}
@@ -81,35 +67,35 @@ def export_no_memory(config: dict, work: Path, log) -> Path:
     out.mkdir()
     log(f"E={cfg.n_embd}: exporting the memory-free model")
     spec = onnx_export.export_step(LMN(cfg).eval(), out / "model.onnx").to_dict()
-    quantize_file(out / "model.onnx", out / "model.int8.onnx")
-    write_manifest(out, cfg, [{"name": "step", "target": "onnx", "file": "model.onnx", **spec},
-                              {"name": "step_int8", "target": "onnx", "file": "model.int8.onnx", **spec}])
-    return out
+    return write_step_export(out, cfg, [{"name": "step", "target": "onnx", "file": "model.onnx", **spec}])
 
 
-def write_manifest(out: Path, cfg, graphs: list[dict]) -> None:
+def write_step_export(out: Path, cfg, graphs: list[dict]) -> Path:
+    """Add an int8 copy of every graph and a minimal manifest the runtime loads (no parity: timing only)."""
     from runtime import manifest as schema
 
+    from .export import write_int8_copy
+
+    graphs = graphs + [write_int8_copy(out, g) for g in graphs]
     files = {g["file"]: {"sha256": schema.file_digest(out / g["file"]), "bytes": schema.file_size(out / g["file"])}
              for g in graphs}
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))
     data = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "model": cfg.to_dict(), "vocab": vocab,
             "state_bytes_per_stream": 0, "graphs": graphs, "files": files}
     (out / schema.MANIFEST).write_text(json.dumps(data, indent=2))
+    return out
 
 
 def steppers(directory: Path, threads: int) -> dict[str, OnnxStepper]:
-    """One stepper per variant the export folder holds (sessions opened here, shared by nothing else)."""
-    manifest = runtime.read_manifest(directory)
-    graphs = manifest.data["graphs"]
-    max_levels = manifest.model.get("max_levels", 1)
-    out = {}
-    for variant, (general, fast) in VARIANTS.items():
-        step = next((g for g in graphs if g["name"] == general and g["target"] == "onnx"), None)
-        paths = {g["levels"]: open_session(directory / g["file"], threads) for g in graphs if g["name"] == fast}
-        if step is None or (fast and not paths):
-            continue
-        out[variant] = OnnxStepper(open_session(directory / step["file"], threads), step, paths, max_levels)
+    """One stepper per variant the export folder holds, built by the runtime as for a stream."""
+    fp32 = runtime.load(directory, threads=threads)
+    out = {"general": OnnxStepper(fp32.session, fp32.step_graph)}
+    if fp32.fast_paths:
+        out["fast paths"] = fp32.stepper()
+    if fp32.manifest.graph("step_int8") is not None:
+        int8 = runtime.load(directory, threads=threads, precision="int8")
+        if int8.fast_paths:
+            out["fast paths int8"] = int8.stepper()
     return out
 
 
@@ -167,7 +153,7 @@ def python_overhead_us(stepper: OnnxStepper, pointer: int, n: int = 2000) -> dic
     return results
 
 
-def profile_graph(path: Path, config: dict, pointer: int, runs: int = 500) -> dict:
+def profile_graph(directory: Path, graph: dict, pointer: int, runs: int = 500) -> dict:
     """onnxruntime's profiler on one step graph: kernel microseconds per run by operator type.
 
     Profiling adds a fixed cost per node, so read the shares and counts, not the absolute total.
@@ -177,9 +163,9 @@ def profile_graph(path: Path, config: dict, pointer: int, runs: int = 500) -> di
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.enable_profiling = True
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    memory = np.random.default_rng(0).standard_normal(
-        (1, config["n_layer"], 1 + (config["max_levels"] - 1) * config["n_bank"], config["n_embd"])).astype(np.float32)
+    session = ort.InferenceSession(str(directory / graph["file"]), options, providers=["CPUExecutionProvider"])
+    shape = empty_state(graph)["memory"].shape  # the graph's own state layout, batch 1
+    memory = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feeds = {"token": np.array([1], dtype=np.int64), "memory": memory, "pointer": np.array([pointer], dtype=np.int64)}
     for _ in range(runs):
         session.run(None, feeds)
@@ -211,8 +197,8 @@ def bench_decode_speed(shipped: Path, drive: list[int], s: SpeedSettings, work: 
         steps = steppers(directory, s.threads)
         bare = steppers(bare_dir, s.threads)
         steps[NO_MEMORY] = bare["general"]
-        int8 = runtime.read_manifest(bare_dir).graph("step_int8")
-        steps[NO_MEMORY_INT8] = OnnxStepper(open_session(bare_dir / int8["file"], s.threads), int8)
+        int8 = runtime.load(bare_dir, threads=s.threads, precision="int8")
+        steps[NO_MEMORY_INT8] = OnnxStepper(int8.session, int8.step_graph)
         log(f"{name}: timing {', '.join(steps)} ({s.rounds} rounds x {s.tokens} tokens each)")
         timings = time_interleaved(steps, drive, s)
         pointer = (1 << cfg["max_levels"]) - 2 + 2 * 1024  # memory full, pointer+1 odd: 0 summary levels
@@ -225,6 +211,6 @@ def bench_decode_speed(shipped: Path, drive: list[int], s: SpeedSettings, work: 
             row["ratio_int8_p50_vs_no_memory_int8"] = timings["fast paths int8"]["p50_us"] / timings[NO_MEMORY_INT8]["p50_us"]
         level0 = runtime.read_manifest(directory).graph("step_levels")
         if level0 is not None:
-            row["profile_levels_0"] = profile_graph(directory / level0["file"], cfg, pointer)
+            row["profile_levels_0"] = profile_graph(directory, level0, pointer)
         rows.append(row)
     return rows

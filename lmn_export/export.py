@@ -164,24 +164,40 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
             shutil.rmtree(work)
 
 
-def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: np.ndarray, options: ExportOptions,
-                       graphs: list, progress) -> tuple[list[ParityReport], dict[int, OnnxPredictor]]:
-    """Step graphs for tokens that re-summarize exactly k levels, checked by streaming each parity row
-    alone (batch 1, as the runtime steps) through the graphs picked per token."""
-    cfg = model.config
-    fast = {}
-    for k in range(min(options.fast_paths, cfg.max_levels)):
+def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progress=lambda message: None) -> list[dict]:
+    """Write step graphs for tokens that re-summarize exactly k = 0..count-1 levels; their manifest entries."""
+    entries = []
+    for k in range(min(count, model.config.max_levels)):
         name = f"step_levels_{k}.onnx"
         progress(f"exporting ONNX fast-path step graph ({k} summary levels)")
-        onnx_export.export_step(model, work / name, options.opset, levels=k, full=True)
-        graphs.append({"name": "step_levels", "levels": k, "valid_when": FAST_PATH_RULE, "target": "onnx",
-                       "file": name, "precision": "fp32", "opset": options.opset, **spec.to_dict()})
-        fast[k] = OnnxPredictor(work / name)
-        check_names(spec, fast[k].input_names, fast[k].output_names)
+        onnx_export.export_step(model, directory / name, opset, levels=k, full=True)
+        entries.append({"name": "step_levels", "levels": k, "valid_when": FAST_PATH_RULE, "target": "onnx",
+                        "file": name, "precision": "fp32", "opset": opset, **spec.to_dict()})
+    return entries
+
+
+def write_int8_copy(directory: Path, entry: dict) -> dict:
+    """Quantize the graph of a manifest entry to int8 beside it (`x.onnx` -> `x.int8.onnx`); the copy's entry."""
+    from .quantize import quantize_file
+
+    name = entry["file"].removesuffix(".onnx") + ".int8.onnx"
+    quantize_file(directory / entry["file"], directory / name)
+    return {**entry, "name": f"{entry['name']}_int8", "file": name, "precision": "int8"}
+
+
+def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: np.ndarray, options: ExportOptions,
+                       graphs: list, progress) -> tuple[list[ParityReport], dict[int, OnnxPredictor]]:
+    """Fast-path graphs (`write_fast_paths`), checked by streaming each parity row alone (batch 1, as
+    the runtime steps) through the graphs picked per token."""
+    fast = {}
+    for entry in write_fast_paths(model, work, options.fast_paths, options.opset, spec, progress):
+        graphs.append(entry)
+        fast[entry["levels"]] = OnnxPredictor(work / entry["file"])
+        check_names(spec, fast[entry["levels"]].input_names, fast[entry["levels"]].output_names)
     progress(f"checking fast-path parity over {options.parity_tokens} tokens per start pointer")
     reports = []
     for row, pointer in enumerate(start_pointers(model, options.parity_tokens)):
-        predictor = FastPathPredictor(general, fast, cfg.max_levels)
+        predictor = FastPathPredictor(general, fast, model.config.max_levels)
         report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], options.atol or FP32_ATOL,
                                f"onnx fast paths @{pointer}", predictor.runner)
         report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
@@ -192,16 +208,14 @@ def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: 
 def _quantize_fast_paths(work: Path, model, fp32: FastPathPredictor, text_ids: list[int], options: ExportOptions,
                          graphs: list, progress) -> ParityReport:
     """int8 copies of the fast paths, judged like the int8 step graph but from a pointer where they run."""
-    from .quantize import int8_report, quantize_file
+    from .quantize import int8_report
 
     fast = {}
-    for k in fp32.fast:
-        name = f"step_levels_{k}.int8.onnx"
-        progress(f"quantizing ONNX fast path ({k} summary levels) to int8")
-        quantize_file(work / f"step_levels_{k}.onnx", work / name)
-        entry = next(g for g in graphs if g["name"] == "step_levels" and g["levels"] == k)
-        graphs.append({**entry, "name": "step_levels_int8", "file": name, "precision": "int8"})
-        fast[k] = OnnxPredictor(work / name)
+    for entry in [g for g in graphs if g["name"] == "step_levels"]:
+        progress(f"quantizing ONNX fast path ({entry['levels']} summary levels) to int8")
+        copy = write_int8_copy(work, entry)
+        graphs.append(copy)
+        fast[entry["levels"]] = OnnxPredictor(work / copy["file"])
     int8 = FastPathPredictor(OnnxPredictor(work / "model.int8.onnx"), fast, model.config.max_levels)
     return int8_report(fp32, int8, text_ids, options, "onnx int8 fast paths", start=START_POINTERS[1])
 

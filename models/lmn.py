@@ -5,7 +5,7 @@ per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N
 
 Reference: "Logarithmic Memory Networks (LMNs): Efficient Long-Range Sequence Modeling for
 Resource-Constrained Environments". Deliberate differences from the paper's code: the step
-computes only the levels that change (an exported If per level), its attention reads the raw
+can compute only the levels that change (fast-path graphs), its attention reads the raw
 memory nodes through reassociated projections (`SingleVectorAttention.read`) instead of projecting
 every slot every token, and the validity mask is explicit rather than inferred from zero scores.
 """
@@ -97,8 +97,9 @@ class SingleVectorAttention(nn.Module):
         ones keep them apart (half the weight bytes read per token).
         """
         H, E = self.n_head, self.q_proj.in_features
+        fold = H * E * E <= FOLD_MAX_WEIGHTS
         w_q, w_k, w_v = (p.weight.view(H, -1, E) for p in (self.q_proj, self.k_proj, self.v_proj))  # (H, D, E)
-        if H * E * E <= FOLD_MAX_WEIGHTS:
+        if fold:
             w_qk = (w_q.transpose(1, 2) @ w_k * self.scale).transpose(0, 1).flatten(1)  # (E, H*E)
             b_qk = (self.q_proj.bias.view(H, 1, -1) @ w_k).flatten() * self.scale  # (H*E,)
             qk = (h @ w_qk + b_qk).unflatten(-1, (H, E))  # (B, H, E)
@@ -109,7 +110,7 @@ class SingleVectorAttention(nn.Module):
         mixed = weights @ slots  # (B, H, E)
         w_o = self.out_proj.weight.view(E, H, -1).permute(1, 2, 0)  # (H, D, E)
         b_out = self.out_proj(self.v_proj.bias)  # (E,): the value bias, projected
-        if H * E * E <= FOLD_MAX_WEIGHTS:
+        if fold:
             return mixed.flatten(-2) @ (w_v.transpose(1, 2) @ w_o).flatten(0, 1) + b_out  # (B, H*E) @ (H*E, E)
         per_head = (mixed.unsqueeze(-2) @ w_v.transpose(1, 2)).squeeze(-2)  # (B, H, 1, E) @ (H, E, D) -> (B, H, D)
         return per_head.flatten(-2) @ self.out_proj.weight.T + b_out
@@ -165,11 +166,11 @@ class LMNBlock(nn.Module):
         x = x + attn.output(mixed)
         return x + self.ff(self.norm_ff(x)), memory.nodes_at(h, tree, last)
 
-    def step(self, x: torch.Tensor, nodes: torch.Tensor, masks: StepMasks, levels: int, exact: bool):
-        """x: (B, E), nodes: (B, S*E) flattened, masks from `LogMemory.step_masks`; `levels` and
-        `exact` as in `LogMemory.update` -> x (B, E), nodes (B, S*E)."""
+    def step(self, x: torch.Tensor, nodes: torch.Tensor, masks: StepMasks, levels: int):
+        """x: (B, E), nodes: (B, S*E) flattened, masks from `LogMemory.step_masks`, `levels` as in
+        `LogMemory.update` -> x (B, E), nodes (B, S*E)."""
         h = self.norm_attn(x)
-        nodes = self.memory.update(h, nodes, levels, None if exact else masks.changed)
+        nodes = self.memory.update(h, nodes, levels, masks.changed)
         slots = self.memory.slots(nodes.unflatten(1, (self.n_slots, self.n_embd)))  # (B, A, E)
         x = x + self.attn.read(h, slots, masks.bias)
         return x + self.ff(self.norm_ff(x)), nodes
@@ -250,11 +251,11 @@ class LMN(nn.Module):
         exact = levels is not None
         levels = most if levels is None else levels
         x = self.embed(tokens)  # (B, E)
-        masks = memory.step_masks(state.pointer, x.dtype, full)  # the same for every layer
+        masks = memory.step_masks(state.pointer, x.dtype, exact, full)  # the same for every layer
         old = state.memory.flatten(2)  # (B, N, S*E)
         new_memory = []
         for layer, block in enumerate(self.blocks):
-            x, nodes = block.step(x, old[:, layer], masks, levels, exact)
+            x, nodes = block.step(x, old[:, layer], masks, levels)
             new_memory.append(nodes)
         logits = self.head(self.norm_out(x))
         return logits, StepState(torch.cat(new_memory, dim=1).unflatten(1, (cfg.n_layer, cfg.n_slots, cfg.n_embd)), state.pointer + 1)

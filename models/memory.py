@@ -31,12 +31,13 @@ def level_flags(pointer: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tenso
 class StepMasks(NamedTuple):
     """Per-step values shared by every layer, from the pointer alone.
 
-    changed: (B, S*E) bool, which memory node elements a row replaces this step (level 0 always).
+    changed: (B, S*E) bool, which memory node elements a row replaces this step (level 0 always);
+             None when every row re-summarizes the same levels.
     bias:    (B, 1, A) float, 0 for attention slots holding a complete block, -inf for empty ones;
              None when every slot is known to be valid.
     """
 
-    changed: torch.Tensor
+    changed: torch.Tensor | None
     bias: torch.Tensor | None
 
 
@@ -126,11 +127,16 @@ class LogMemory(nn.Module):
             nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
 
-    def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype, full: bool = False) -> StepMasks:
-        """What a step at `pointer` (B,) needs, computed once for all layers (see `StepMasks`);
-        `full`: every row has seen 2^(L-1)-1 tokens or more, so every slot is valid (no bias)."""
-        changed = level_flags(pointer, self.node_block_sizes)  # (B, S); level 0 (size 1) always
-        changed = changed.unsqueeze(-1).expand(-1, -1, self.n_embd).flatten(1)  # (B, S*E)
+    def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype, exact: bool = False, full: bool = False) -> StepMasks:
+        """What a step at `pointer` (B,) needs, computed once for all layers (see `StepMasks`).
+
+        `exact`: every row re-summarizes the same levels, so no per-row selection (no `changed`);
+        `full`: every row has seen 2^(L-1)-1 tokens or more, so every slot is valid (no `bias`).
+        """
+        changed = None
+        if not exact:
+            changed = level_flags(pointer, self.node_block_sizes)  # (B, S); level 0 (size 1) always
+            changed = changed.unsqueeze(-1).expand(-1, -1, self.n_embd).flatten(1)  # (B, S*E)
         if full:
             return StepMasks(changed, None)
         valid = self.valid(pointer)  # (B, A)

@@ -86,5 +86,5 @@ def test_decode_speed_pieces_on_a_tiny_export(export_dir, tmp_path):
     py = python_overhead_us(steps["fast paths"], pointer=2**20 - 2, n=50)
     assert py["bare_run_us"] > 0 and py["stepper_step_us"] > 0
     level0 = runtime.read_manifest(export_dir).graph("step_levels")
-    profile = profile_graph(export_dir / level0["file"], config, pointer=2**20 - 2, runs=5)
+    profile = profile_graph(export_dir, level0, pointer=2**20 - 2, runs=5)
     assert profile["nodes_per_run"] > 0 and abs(sum(o["share"] for o in profile["ops"]) - 1) < 1e-6
