@@ -130,7 +130,7 @@ def python_overhead_us(stepper: OnnxStepper, pointer: int, n: int = 2000) -> dic
     stepper.current = 0
     stepper.buffers[0]["pointer"][0] = pointer
     levels = fast_path_levels(pointer, stepper.max_levels) if stepper.fast else None
-    session, binding = stepper.fast.get(levels, stepper.bindings)[0]
+    session, binding, _ = stepper.fast.get(levels, stepper.bindings)[0]
 
     def bare() -> None:
         session.run_with_iobinding(binding)

@@ -12,10 +12,10 @@ from .backends import BackendError
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ManifestError, read_manifest
 from .model import DEFAULT_EXPORT, ExportedModel, load
 from .state_file import StateFileError
-from .stream import Stream
+from .stream import ContextFullError, Stream
 from .vocab import UnknownCharacterError, Vocab
 
 __all__ = [
-    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ExportedModel", "Manifest", "ManifestError",
+    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ContextFullError", "ExportedModel", "Manifest", "ManifestError",
     "StateFileError", "Stream", "UnknownCharacterError", "Vocab", "load", "read_manifest",
 ]

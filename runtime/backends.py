@@ -12,6 +12,7 @@ binds the same buffers to each and picks the graph from the pointer, else the ge
 from __future__ import annotations
 
 import platform
+from collections import Counter
 
 import numpy as np
 
@@ -51,12 +52,16 @@ class OnnxStepper:
     """One stream (batch 1) on an onnxruntime step session, through IO binding.
 
     fast_paths: {k: session} of step graphs valid when the memory is full and the step
-    re-summarizes exactly k levels (manifest graphs "step_levels"); max_levels: the model's.
+    re-summarizes exactly k levels (manifest graphs "step_levels"); max_levels: the model's;
+    fast_files: {k: file name}, the labels `calls` counts the fast paths under.
+    `calls` counts the steps each graph ran, by file name: proof of which graph did the work.
     """
 
-    def __init__(self, session, graph: dict, fast_paths: dict[int, object] | None = None, max_levels: int = 0):
+    def __init__(self, session, graph: dict, fast_paths: dict[int, object] | None = None, max_levels: int = 0,
+                 fast_files: dict[int, str] | None = None):
         import onnxruntime as ort
 
+        self.calls: Counter[str] = Counter()
         self.session = session
         self.graph = graph
         self.max_levels = max_levels
@@ -71,7 +76,7 @@ class OnnxStepper:
         token_value, logits_value = ort.OrtValue.ortvalue_from_numpy(self.token), ort.OrtValue.ortvalue_from_numpy(self.logits)
         ort_sets = [values(b) for b in self.buffers]
 
-        def bind(session):  # [binding reading set 0, binding reading set 1]
+        def bind(session, label):  # [binding reading set 0, binding reading set 1], each with its label
             bindings = []
             for src, dst in ((0, 1), (1, 0)):
                 binding = session.io_binding()
@@ -80,11 +85,12 @@ class OnnxStepper:
                     binding.bind_ortvalue_input(name, ort_sets[src][name])
                     binding.bind_ortvalue_output(out, ort_sets[dst][name])
                 binding.bind_ortvalue_output("logits", logits_value)
-                bindings.append((session, binding))
+                bindings.append((session, binding, label))
             return bindings
 
-        self.bindings = bind(session)
-        self.fast = {k: bind(s) for k, s in (fast_paths or {}).items()}
+        fast_files = fast_files or {}
+        self.bindings = bind(session, graph.get("file", "step"))
+        self.fast = {k: bind(s, fast_files.get(k, f"step_levels_{k}")) for k, s in (fast_paths or {}).items()}
         self.pointers = [b["pointer"] for b in self.buffers] if self.fast else None
 
     @property
@@ -103,8 +109,9 @@ class OnnxStepper:
         if self.fast:
             levels = fast_path_levels(int(self.pointers[self.current][0]), self.max_levels)
             bindings = self.fast.get(levels, bindings)
-        session, binding = bindings[self.current]
+        session, binding, label = bindings[self.current]
         session.run_with_iobinding(binding)
+        self.calls[label] += 1
         self.current ^= 1
         return self.logits[0]
 
@@ -118,6 +125,7 @@ class CoreMLStepper:
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
         self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
         self._state = empty_state(graph)
+        self.calls: Counter[str] = Counter()
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -129,6 +137,7 @@ class CoreMLStepper:
 
     def step(self, token: int) -> np.ndarray:
         out = self.model.predict({"token": np.array([token], dtype=self.token_dtype), **self._state})
+        self.calls[self.graph.get("file", "step")] += 1
         self._state = {name: np.asarray(out[o], dtype=self._state[name].dtype) for name, o in self.pairs}
         return np.asarray(out["logits"], dtype=np.float32)[0]
 

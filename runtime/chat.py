@@ -10,9 +10,10 @@ import click
 
 from .backends import BackendError
 from .manifest import ManifestError
-from .model import load
+from .model import PRECISIONS, load
+from .sampling import check_sampling
 from .state_file import StateFileError
-from .stream import Stream
+from .stream import ContextFullError, Stream, check_stop
 from .vocab import UnknownCharacterError
 
 HELP = """commands:
@@ -33,7 +34,7 @@ class Chat:
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p
         self.seed = seed
-        self.stop = tuple(s for s in stop if s)
+        self.stop = check_stop(stop)
         self.turn = 0
         self.out = out
 
@@ -59,9 +60,11 @@ class Chat:
                 self.say(f"[tokens seen {s.tokens_seen:,} | state {s.state_bytes:,} bytes | "
                          f"decode {s.tokens_per_second:,.0f} tokens/s]")
             elif name == "/temp" and arg:
-                value = float(arg)
-                if value < 0:
-                    raise ValueError("temperature must be >= 0")
+                try:
+                    value = float(arg)
+                except ValueError:
+                    raise ValueError(f"/temp takes a number, got {arg!r}") from None
+                check_sampling(value, self.top_k, self.top_p, self.seed)
                 self.temperature = value
                 self.say(f"[temperature {value:g}]")
             elif name == "/help":
@@ -72,11 +75,16 @@ class Chat:
             self.say(f"[error: {e}]")
 
     def reply(self, text: str) -> None:
-        """Feed the user's text and stream the continuation; Ctrl-C ends it early."""
+        """Feed the user's text and stream the continuation; Ctrl-C ends it early, keeping the session."""
+        before = self.stream.tokens_seen
         try:
             self.stream.feed(text)
-        except UnknownCharacterError as e:
+        except (UnknownCharacterError, ContextFullError) as e:
             self.say(f"[error: {e}]")
+            return
+        except KeyboardInterrupt:
+            fed = self.stream.tokens_seen - before
+            self.say(f"\n[stopped while reading your text: {fed} of {len(text)} characters were fed]")
             return
         seed = None if self.seed is None else self.seed + self.turn
         self.turn += 1
@@ -87,6 +95,8 @@ class Chat:
                 self.out.flush()
         except KeyboardInterrupt:
             self.out.write("\n[stopped]")
+        except ContextFullError as e:
+            self.out.write(f"\n[error: {e}]")
         self.out.write("\n")
         self.out.flush()
 
@@ -101,32 +111,39 @@ class Chat:
             except KeyboardInterrupt:
                 self.say("")
                 continue
-            if line.startswith("/"):
-                self.command(line.strip())
-            elif line:
-                self.reply(line + "\n")
+            try:
+                if line.startswith("/"):
+                    self.command(line.strip())
+                elif line:
+                    self.reply(line + "\n")
+            except KeyboardInterrupt:  # between a reply's parts: the session goes on
+                self.say("\n[stopped]")
 
 
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Continue this text and exit (non-interactive).")
-@click.option("--max-tokens", default=300, show_default=True)
-@click.option("--temperature", default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=300, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest characters (k >= 1).")
+@click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this mass, in (0, 1].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, default=["\n\n"], show_default=True,
               help="End a reply after this text (repeatable; '' for none).")
-@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "coreml"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Which of the export's ONNX graphs to run (int8 needs an export made with --quantize int8).")
 @click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="What to do with characters the model does not know.")
 @click.option("--json", "as_json", is_flag=True, help="Non-interactive: print a JSON object instead of text.")
-def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, stop, threads, backend, unknown, as_json):
+def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, stop, threads, backend, precision, unknown,
+         as_json):
     """Chat with an exported LMN (DIRECTORY, default: the shipped model), streaming each character."""
     try:
-        model = load(directory, threads=threads, backend=backend, unknown=unknown)
-    except (ManifestError, BackendError) as e:
+        check_sampling(temperature, top_k, top_p, seed)
+        model = load(directory, threads=threads, backend=backend, unknown=unknown, precision=precision)
+    except (ManifestError, BackendError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     stream = Stream(model)
     if prompt is None and not sys.stdin.isatty():
@@ -136,18 +153,21 @@ def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, stop, t
         return
     try:
         stream.feed(prompt)
-    except UnknownCharacterError as e:
-        raise click.ClickException(str(e)) from None
-    chars = stream.generate(max_tokens, temperature, top_k, top_p, seed)
-    if as_json:
-        text = "".join(chars)
-        click.echo(json.dumps({"prompt": prompt, "continuation": text, "tokens_seen": stream.tokens_seen,
-                               "state_bytes": stream.state_bytes, "tokens_per_second": stream.tokens_per_second}))
-        return
-    for char in chars:
-        sys.stdout.write(char)
+        chars = stream.generate(max_tokens, temperature, top_k, top_p, seed, stop=check_stop(stop))
+        if as_json:
+            text = "".join(chars)
+            click.echo(json.dumps({"prompt": prompt, "continuation": text, "tokens_seen": stream.tokens_seen,
+                                   "state_bytes": stream.state_bytes, "tokens_per_second": stream.tokens_per_second}))
+            return
+        for char in chars:
+            sys.stdout.write(char)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    except (UnknownCharacterError, ContextFullError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # stdout on a full device or a closed pipe
+        raise click.ClickException(f"cannot write the reply: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Schema (format_version 1):
           inputs/outputs: [{name, shape (ints or "batch"), dtype}]
           state: [{input, output, layout}]: outputs a caller feeds back as the next inputs
   files: {relative path: {sha256, bytes}}, source: {checkpoint, sha256}, parity: [reports]
+  integrity: {sha256, covers}: sha256 of the manifest itself (`manifest_digest`), so one changed
+          byte anywhere in lmn.json (a vocabulary character, a shape) is refused on load
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ MANIFEST = "lmn.json"
 
 class ManifestError(Exception):
     """An export folder the runtime cannot trust; the message says what to do."""
+
+
+INTEGRITY_COVERS = "lmn.json without its integrity field, as JSON with sorted keys, no spaces, UTF-8"
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content: every field but `integrity`, serialized canonically."""
+    content = {k: v for k, v in data.items() if k != "integrity"}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its integrity field set (what an exporter writes)."""
+    return {**{k: v for k, v in data.items() if k != "integrity"},
+            "integrity": {"sha256": manifest_digest(data), "covers": INTEGRITY_COVERS}}
 
 
 def file_digest(path: Path) -> str:
@@ -65,6 +83,41 @@ class Manifest:
         return [g for g in self.data["graphs"] if target is None or g["target"] == target]
 
 
+def check_integrity(path: Path, data: dict[str, Any]) -> None:
+    integrity = data.get("integrity")
+    if not isinstance(integrity, dict) or "sha256" not in integrity:
+        raise ManifestError(f"{path} carries no integrity check (written by an older lmn-export); re-export the model")
+    try:
+        digest = manifest_digest(data)
+    except ValueError:  # NaN or inf: never written by lmn-export
+        digest = None
+    if digest != integrity["sha256"]:
+        raise ManifestError(f"{path} was modified after export (its content does not match its own sha256); "
+                            "re-export the model, or restore the folder")
+
+
+def _fail(path: Path, what: str) -> None:
+    raise ManifestError(f"{path}: {what}; re-export the model")
+
+
+def check_fields(path: Path, data: dict[str, Any]) -> None:
+    """The fields the runtime reads have the types it reads them as."""
+    for key, kind in (("model", dict), ("vocab", str), ("graphs", list), ("files", dict)):
+        if not isinstance(data.get(key), kind):
+            _fail(path, f"{key!r} is missing or not a {kind.__name__}")
+    if len(data["vocab"]) != data["model"].get("vocab_size"):
+        _fail(path, f"vocabulary has {len(data['vocab'])} characters, model says {data['model'].get('vocab_size')}")
+    for entry in data["graphs"]:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "target", "file")) \
+                or not all(isinstance(entry.get(k), list) for k in ("inputs", "outputs")):
+            _fail(path, f"a graph entry lacks name, target, file, inputs or outputs: {str(entry)[:80]}")
+        if entry["file"] not in data["files"]:
+            _fail(path, f"graph file {entry['file']} is not listed under 'files'")
+    for name, facts in data["files"].items():
+        if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
+            _fail(path, f"file entry {name!r} lacks a sha256")
+
+
 def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
     """Read and check `lmn.json`: format, version, required fields and (optionally) file hashes."""
     directory = Path(directory)
@@ -79,20 +132,20 @@ def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
         raise ManifestError(f"{path} is corrupt ({e}); re-export the model") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an lmn export manifest; re-export the model")
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ManifestError(
-            f"{path} has format version {data.get('format_version')}, this runtime reads {FORMAT_VERSION}; "
-            "re-export with a matching lmn version"
+            f"{path} has format version {version!r} ({type(version).__name__}), this runtime reads the integer "
+            f"{FORMAT_VERSION}; re-export with a matching lmn version"
         )
-    for key in ("model", "vocab", "graphs", "files"):
-        if key not in data:
-            raise ManifestError(f"{path} lacks {key!r}; re-export the model")
-    if len(data["vocab"]) != data["model"].get("vocab_size"):
-        raise ManifestError(f"{path}: vocabulary has {len(data['vocab'])} characters, model says {data['model'].get('vocab_size')}")
+    check_integrity(path, data)
+    check_fields(path, data)
     manifest = Manifest(directory, data)
     if verify_files:
         for name, facts in data["files"].items():
             target = directory / name
+            if not target.resolve().is_relative_to(directory.resolve()):
+                raise ManifestError(f"{path} lists {name!r}, outside the export folder; re-export the model")
             if not target.exists():
                 raise ManifestError(f"{directory} lacks {name}, listed in {MANIFEST}; re-export the model")
             if file_digest(target) != facts["sha256"]:

@@ -8,11 +8,40 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BackendError, CoreMLStepper, OnnxStepper, load_coreml_model
-from .manifest import Manifest, ManifestError, read_manifest
+from .manifest import MANIFEST, Manifest, ManifestError, read_manifest
 from .vocab import Vocab
 
 BACKENDS = ("onnxruntime", "coreml")
+PRECISIONS = ("fp32", "int8")
 DEFAULT_EXPORT = Path(__file__).parent / "default"
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def check_load_arguments(threads, backend, unknown, precision, verify) -> None:
+    """Validate `load`'s arguments; a ValueError says what is allowed."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "coreml" and precision != "fp32":
+        raise ValueError("the Core ML backend runs the export's Core ML graph; precision applies to onnxruntime only")
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}")
+    Vocab.check_policy(unknown)
+
+
+def check_io(session, graph: dict, path: Path) -> None:
+    """The session's inputs and outputs are the ones the manifest declares: names, dtypes, shapes."""
+    for kind, declared, actual in (("inputs", graph["inputs"], session.get_inputs()),
+                                   ("outputs", graph["outputs"], session.get_outputs())):
+        want = [(t["name"], t["dtype"], ["batch" if d == "batch" else d for d in t["shape"]]) for t in declared]
+        got = [(a.name, ORT_TYPES.get(a.type, a.type), [d if isinstance(d, int) else "batch" for d in a.shape])
+               for a in actual]
+        if sorted(want, key=str) != sorted(got, key=str):
+            raise ManifestError(f"{path} has {kind} {got}, but {MANIFEST} declares {want}; "
+                                "the folder mixes files of different exports: re-export it")
 
 
 def open_session(path: Path | str, threads: int = 1):
@@ -31,26 +60,28 @@ class ExportedModel:
 
     def __init__(self, manifest: Manifest, threads: int = 1, backend: str = "onnxruntime",
                  unknown: str = "error", precision: str = "fp32"):
-        if backend not in BACKENDS:
-            raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_load_arguments(threads, backend, unknown, precision, True)
         self.manifest = manifest
         self.directory = manifest.directory
         self.backend = backend
         self.threads = threads
         self.vocab = Vocab(manifest.vocab, unknown=unknown)
         self.config = manifest.model
+        self.precision = precision
         self._lock = threading.Lock()
         self._prefill_sessions: dict[int, object] = {}
+        self.fast_path_graphs, self.fast_paths = {}, {}
         if backend == "coreml":
             self.step_graph = self._graph("step", "coreml")
             self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]))
         else:
             name = "step_int8" if precision == "int8" else "step"
             self.step_graph = self._graph(name, "onnx")
-            self.session = self._session(self.step_graph["file"])
+            self.session = self._session(self.step_graph)
             # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
             fast = "step_levels_int8" if precision == "int8" else "step_levels"
-            self.fast_paths = {g["levels"]: self._session(g["file"]) for g in manifest.graphs("onnx") if g["name"] == fast}
+            self.fast_path_graphs = {g["levels"]: g for g in manifest.graphs("onnx") if g["name"] == fast}
+            self.fast_paths = {k: self._session(g) for k, g in self.fast_path_graphs.items()}
         self.prefill_graphs = sorted(
             (g for g in manifest.graphs("onnx") if g["name"] == "prefill"), key=lambda g: g["size"]
         ) if backend == "onnxruntime" else []
@@ -58,11 +89,19 @@ class ExportedModel:
     def _graph(self, name: str, target: str) -> dict:
         graph = self.manifest.graph(name, target)
         if graph is None:
-            raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}")
+            hint = " --quantize int8" if name.endswith("int8") else ""
+            raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}{hint}")
         return graph
 
-    def _session(self, file: str):
-        return open_session(self.directory / file, self.threads)
+    def _session(self, graph: dict):
+        """A session for a manifest graph, its I/O checked against the manifest before anything runs."""
+        path = self.directory / graph["file"]
+        try:
+            session = open_session(path, self.threads)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ManifestError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0]}); re-export the model") from None
+        check_io(session, graph, path)
+        return session
 
     @property
     def state_bytes(self) -> int:
@@ -75,17 +114,18 @@ class ExportedModel:
     def stepper(self):
         if self.backend == "coreml":
             return CoreMLStepper(self._coreml, self.step_graph)
-        return OnnxStepper(self.session, self.step_graph, self.fast_paths, self.config.get("max_levels", 0))
+        files = {k: g["file"] for k, g in self.fast_path_graphs.items()}
+        return OnnxStepper(self.session, self.step_graph, self.fast_paths, self.config.get("max_levels", 0), files)
 
     @property
     def max_prefill(self) -> int:
         return self.prefill_graphs[-1]["size"] if self.prefill_graphs else 0
 
-    def prefill(self, ids: list[int]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+    def prefill(self, ids: list[int]) -> tuple[int, np.ndarray, dict[str, np.ndarray], str]:
         """Run the first tokens of a prompt in parallel from the empty state.
 
         Uses the smallest prefill graph that holds the prompt (or the largest, for the first
-        `max_prefill` tokens of a longer one). Returns (tokens consumed, logits (V,), state).
+        `max_prefill` tokens of a longer one). Returns (tokens consumed, logits (V,), state, graph file).
         """
         if not self.prefill_graphs:
             raise ManifestError(f"{self.directory} has no prefill graph")
@@ -94,16 +134,21 @@ class ExportedModel:
         with self._lock:
             session = self._prefill_sessions.get(size)
             if session is None:
-                session = self._prefill_sessions[size] = self._session(graph["file"])
+                session = self._prefill_sessions[size] = self._session(graph)
         tokens = np.zeros((1, size), dtype=np.int64)
         tokens[0, :used] = ids[:used]
         logits, memory, pointer = session.run(["logits", "memory_out", "pointer_out"],
                                               {"tokens": tokens, "length": np.array([used], dtype=np.int64)})
-        return used, logits[0], {"memory": memory, "pointer": pointer}
+        return used, logits[0], {"memory": memory, "pointer": pointer}, graph["file"]
 
 
 def load(directory: Path | str | None = None, threads: int = 1, backend: str = "onnxruntime",
          unknown: str = "error", precision: str = "fp32", verify: bool = True) -> ExportedModel:
-    """Load an export folder (the shipped default when None); the manifest and file hashes are checked."""
+    """Load an export folder (the shipped default when None).
+
+    Checked before anything runs: the arguments, the manifest (its own sha256, format, fields),
+    every file's sha256 (`verify`), and each graph's inputs and outputs against the manifest.
+    """
+    check_load_arguments(threads, backend, unknown, precision, verify)
     manifest = read_manifest(directory if directory is not None else DEFAULT_EXPORT, verify_files=verify)
     return ExportedModel(manifest, threads=threads, backend=backend, unknown=unknown, precision=precision)

@@ -9,32 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
 
 MAGIC = b"LMNSTATE"
 VERSION = 1
 
 
 class StateFileError(Exception):
-    """A state file that cannot be loaded (truncated, corrupt, other model); nothing was loaded."""
+    """A state file that cannot be loaded (truncated, corrupt, other model) or written; nothing changed."""
 
 
 def save_state(path: Path | str, arrays: dict[str, np.ndarray], meta: dict) -> int:
-    """Write atomically (temp file + rename); returns the file size in bytes."""
+    """Write atomically (`runtime.atomic.write_atomic`); returns the file size in bytes."""
     header = {"version": VERSION, **meta,
               "arrays": [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in arrays.items()]}
     head = json.dumps(header, sort_keys=True).encode()
     body = MAGIC + struct.pack("<I", len(head)) + head + b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
     data = body + hashlib.sha256(body).digest()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return len(data)
+    try:
+        return write_atomic(path, data)
+    except OSError as e:
+        raise StateFileError(f"cannot write {path}: {e.strerror or e}; the file was left as it was") from None
 
 
 def load_state(path: Path | str, expect: dict) -> tuple[dict[str, np.ndarray], dict]:
@@ -49,18 +49,28 @@ def load_state(path: Path | str, expect: dict) -> tuple[dict[str, np.ndarray], d
     if hashlib.sha256(body).digest() != digest:
         raise StateFileError(f"{path} is truncated or corrupt (checksum mismatch); nothing was loaded")
     (head_len,) = struct.unpack("<I", body[8:12])
-    header = json.loads(body[12 : 12 + head_len])
+    try:
+        header = json.loads(body[12 : 12 + head_len])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise StateFileError(f"{path} has an unreadable header; nothing was loaded")
     if header.get("version") != VERSION:
         raise StateFileError(f"{path} has state format version {header.get('version')}, this runtime reads {VERSION}")
     for key, want in expect.items():
         if header.get(key) != want:
             raise StateFileError(f"{path} belongs to another model ({key} differs); load it with the model that saved it")
     arrays, offset = {}, 12 + head_len
-    for spec in header["arrays"]:
-        count = int(np.prod(spec["shape"], dtype=np.int64))
-        size = count * np.dtype(spec["dtype"]).itemsize
-        arrays[spec["name"]] = np.frombuffer(body, dtype=spec["dtype"], count=count, offset=offset).reshape(spec["shape"]).copy()
-        offset += size
+    try:
+        for spec in header["arrays"]:
+            if spec["dtype"] not in ("float32", "float16", "int64", "int32"):
+                raise ValueError(f"dtype {spec['dtype']!r}")
+            shape = [int(d) for d in spec["shape"]]
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays[str(spec["name"])] = np.frombuffer(body, dtype=spec["dtype"], count=count, offset=offset).reshape(shape).copy()
+            offset += count * np.dtype(spec["dtype"]).itemsize
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateFileError(f"{path} has a malformed array table ({e}); nothing was loaded") from None
     if offset != len(body):
         raise StateFileError(f"{path} is corrupt (array sizes do not add up)")
     return arrays, header

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import numbers
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .model import ExportedModel
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .state_file import StateFileError, load_state, save_state
 
 PREFILL_MIN_TOKENS = 16  # shorter first prompts are simply stepped
+
+
+class ContextFullError(RuntimeError):
+    """A stream of a bounded-context export (GPT's KV cache) that cannot take another token."""
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string is one stop string (never split into characters)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    stop = tuple(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a sequence of strings, got {stop!r}")
+    return tuple(s for s in stop if s)
 
 
 class Stream:
@@ -22,6 +38,7 @@ class Stream:
     def __init__(self, model: ExportedModel):
         self.model = model
         self.stepper = model.stepper()
+        self.prefill_calls: Counter[str] = Counter()
         self.tokens_seen = 0
         self.logits: np.ndarray | None = None  # after the last token fed or generated
         self.decode_seconds = 0.0
@@ -32,18 +49,39 @@ class Stream:
         """Bytes of this stream's state: constant, whatever its length."""
         return sum(a.nbytes for a in self.stepper.state.values())
 
+    @property
+    def graph_calls(self) -> Counter[str]:
+        """How many calls each graph file served in this stream (steps and prefills): which graph ran."""
+        return self.stepper.calls + self.prefill_calls
+
+    @property
+    def capacity(self) -> int | None:
+        """Tokens this stream can hold: None (unbounded) for an LMN, the KV cache's rows for a GPT export."""
+        return self.model.config.get("block_size") if self.model.config.get("arch") == "gpt" else None
+
     def reset(self) -> None:
         self.__init__(self.model)
 
+    def _check_room(self, count: int) -> None:
+        capacity = self.capacity
+        if capacity is not None and self.tokens_seen + count > capacity:
+            raise ContextFullError(
+                f"this export holds at most {capacity} tokens (a {capacity}-row KV cache) and the stream has "
+                f"{self.tokens_seen}; {count} more do not fit: reset the stream (/reset in lmn-chat)")
+
     def feed_ids(self, ids: Sequence[int]) -> None:
+        """Feed token ids (ints in [0, vocab size)); on an error nothing is fed."""
         ids = list(ids)
         vocab_size = len(self.model.vocab)
-        bad = [i for i in ids if not 0 <= i < vocab_size]
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab_size]
         if bad:
-            raise ValueError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+            raise ValueError(f"token ids out of range: they must be whole numbers in [0, {vocab_size}); got {bad[:5]}")
+        ids = [int(i) for i in ids]
+        self._check_room(len(ids))
         if self.tokens_seen == 0 and len(ids) >= PREFILL_MIN_TOKENS and self.model.max_prefill:
-            used, logits, state = self.model.prefill(ids)
+            used, logits, state, graph = self.model.prefill(ids)
             self.stepper.set_state(state)
+            self.prefill_calls[graph] += 1
             self.logits = np.array(logits)
             self.tokens_seen = used
             ids = ids[used:]
@@ -56,17 +94,29 @@ class Stream:
         self.feed_ids(self.model.vocab.encode(text))
 
     def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] | str = ()) -> Iterator[str]:
         """Yield up to `max_tokens` characters as they are produced; each is fed back.
 
-        Stops early after a `stop` string (which is yielded). Temperature 0 is greedy.
+        Stops early after a `stop` string (which is yielded; a plain string is one stop string).
+        Temperature 0 is greedy. Arguments are checked here, before anything is fed; each token
+        costs the same time and memory however long the call runs.
         """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        check_sampling(temperature, top_k, top_p, seed)
+        return self._generate(int(max_tokens), temperature, top_k, top_p, seed, check_stop(stop))
+
+    def _generate(self, max_tokens, temperature, top_k, top_p, seed, stop) -> Iterator[str]:
+        if max_tokens == 0:
+            return
         if self.logits is None:
             start = "\n" if "\n" in self.model.vocab.index else self.model.vocab.chars[0]
             self.feed(start)
         rng = np.random.default_rng(seed)
-        produced = ""
+        keep = max((len(s) for s in stop), default=0)
+        tail = ""  # the last `keep` characters: all a stop string can end in
         for _ in range(max_tokens):
+            self._check_room(1)
             token = sample(self.logits, rng, temperature, top_k, top_p)
             began = time.perf_counter()
             self.logits = self.stepper.step(token)
@@ -74,10 +124,11 @@ class Stream:
             self.decoded_tokens += 1
             self.tokens_seen += 1
             char = self.model.vocab.chars[token]
-            produced += char
             yield char
-            if any(produced.endswith(s) for s in stop if s):
-                return
+            if keep:
+                tail = (tail + char)[-keep:]
+                if any(tail.endswith(s) for s in stop):
+                    return
 
     @property
     def tokens_per_second(self) -> float:
@@ -100,7 +151,24 @@ class Stream:
         for name, value in current.items():
             if name not in arrays or arrays[name].shape != value.shape or arrays[name].dtype != value.dtype:
                 raise StateFileError(f"{path} does not hold a {name} of shape {value.shape} {value.dtype}")
+        tokens_seen = header.get("tokens_seen")
+        if isinstance(tokens_seen, bool) or not isinstance(tokens_seen, int) or tokens_seen < 0:
+            raise StateFileError(f"{path} has tokens_seen {tokens_seen!r}, not a count; nothing was loaded")
+        logits = arrays.get("logits")
+        vocab_size = len(self.model.vocab)
+        if logits is not None and (logits.shape != (vocab_size,) or logits.dtype != np.float32):
+            raise StateFileError(f"{path} holds logits of shape {logits.shape} {logits.dtype}, expected "
+                                 f"({vocab_size},) float32; nothing was loaded")
+        for name, value in arrays.items():
+            if (value.dtype.kind == "f" and not np.isfinite(value).all()) or (value.dtype.kind == "i" and (value < 0).any()):
+                raise StateFileError(f"{path} holds {'non-finite' if value.dtype.kind == 'f' else 'negative'} "
+                                     f"values in {name}; nothing was loaded")
+        if set(arrays) - set(current) - {"logits"}:
+            raise StateFileError(f"{path} holds arrays this model has no use for: {sorted(set(arrays) - set(current))}")
+        if (logits is None) != (tokens_seen == 0):
+            raise StateFileError(f"{path} is inconsistent (tokens_seen {tokens_seen} with"
+                                 f"{'out' if logits is None else ''} logits); nothing was loaded")
         logits = arrays.pop("logits", None)
         self.stepper.set_state(arrays)
         self.logits = logits
-        self.tokens_seen = int(header["tokens_seen"])
+        self.tokens_seen = tokens_seen

@@ -11,11 +11,15 @@ class UnknownCharacterError(ValueError):
 
 class Vocab:
     def __init__(self, chars: str, unknown: str = "error"):
-        if unknown not in UNKNOWN_POLICIES:
-            raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+        self.check_policy(unknown)
         self.chars = chars
         self.unknown = unknown
         self.index = {c: i for i, c in enumerate(chars)}
+
+    @staticmethod
+    def check_policy(unknown) -> None:
+        if unknown not in UNKNOWN_POLICIES:
+            raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
 
     def __len__(self) -> int:
         return len(self.chars)

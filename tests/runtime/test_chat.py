@@ -75,7 +75,7 @@ def test_state_carries_across_turns(export_dir):
 
 
 def test_prompt_flag_is_reproducible(export_dir):
-    args = [str(export_dir), "--prompt", "To be, or not to be", "--max-tokens", "40", "--seed", "5"]
+    args = [str(export_dir), "--prompt", "To be, or not to be", "--max-tokens", "40", "--seed", "5", "--stop", ""]
     first = CliRunner().invoke(main, args)
     second = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
@@ -83,7 +83,7 @@ def test_prompt_flag_is_reproducible(export_dir):
 
 
 def test_prompt_from_stdin_and_json(export_dir):
-    done = subprocess.run([*CHAT, str(export_dir), "--max-tokens", "10", "--seed", "1", "--json"],
+    done = subprocess.run([*CHAT, str(export_dir), "--max-tokens", "10", "--seed", "1", "--json", "--stop", ""],
                           input="To be, or not", capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     import json
