@@ -2,42 +2,134 @@
 
 Runs unchanged under `torchrun` (DDP over the gloo backend): each rank draws its own batches,
 rank 0 evaluates, logs and writes the checkpoint.
+
+Nothing is lost to a kill: the checkpoint (weights, optimizer state, config) is replaced as one
+unit (see models.checkpoint), a log line is appended only after the checkpoint it describes has
+committed, and --resume trims log lines past the checkpoint and draws the batches the
+uninterrupted run would have drawn, so it continues the same weights bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 import torch.nn.functional as F
 
+from runtime.atomic import write_atomic
+
 from . import build_model, count_parameters
-from .checkpoint import CONFIG, CheckpointError, load, save
+from .checkpoint import CONFIG, OPTIMIZER, CheckpointError, load, load_optimizer_state, recover, save
 from .config import PRESETS, ConfigError, GPTConfig, preset
 from .data import CharVocab, Corpus, DataError, load_text
 
-OPTIMIZER = "optimizer.pt"
 LOG = "train_log.jsonl"
+__all__ = ["LOG", "OPTIMIZER", "TrainSettings", "TrainingError", "evaluate", "evaluate_checkpoint", "main", "train"]
+
+
+class TrainingError(Exception):
+    """Training that cannot go on (the loss diverged); the message says what to do."""
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived; raised where the process is, so pending cleanup runs."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values one setting accepts: whole numbers (kind int) or finite numbers (kind float) in a range."""
+
+    kind: type
+    low: float
+    strict: bool = False  # refuse `low` itself
+    high: float = math.inf
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is refused, or None when it is accepted."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number (got {value!r})"
+        if self.kind is int and not isinstance(value, int):
+            return f"must be a whole number (got {value!r})"
+        if not math.isfinite(value):
+            return f"must be a finite number (got {value!r})"
+        if value < self.low or (self.strict and value == self.low):
+            return f"must be {'>' if self.strict else '>='} {self.low:g} (got {value!r})"
+        if value > self.high:
+            return f"must be <= {self.high} (got {value!r})"
+        return None
+
+
+# The one validator for training settings: TrainSettings (API) and the click options (CLI) both use it.
+BOUNDS = {
+    "steps": Bound(int, 1), "batch": Bound(int, 1), "block": Bound(int, 1),
+    "lr": Bound(float, 0, strict=True), "weight_decay": Bound(float, 0), "grad_clip": Bound(float, 0),
+    "eval_interval": Bound(int, 1), "eval_batches": Bound(int, 1), "seed": Bound(int, 0, high=2**64 - 1),
+}
+THREADS = Bound(int, 1)
 
 
 @dataclass
 class TrainSettings:
+    """The training recipe; raises ConfigError (a ValueError) naming the first setting out of range."""
+
     steps: int = 5000
     batch: int = 16
     block: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     eval_interval: int = 100
     eval_batches: int = 200
     seed: int = 1337
+
+    def __post_init__(self) -> None:
+        for name, bound in BOUNDS.items():
+            problem = bound.problem(getattr(self, name))
+            if problem:
+                raise ConfigError(f"TrainSettings.{name} {problem}")
+
+
+class Bounded(click.ParamType):
+    """A click option type: parses a number and refuses what its Bound refuses."""
+
+    def __init__(self, bound: Bound) -> None:
+        self.bound = bound
+        self.name = "integer" if bound.kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        parsed = value
+        if isinstance(value, str):
+            try:
+                parsed = self.bound.kind(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a {'whole ' if self.bound.kind is int else ''}number", param, ctx)
+        problem = self.bound.problem(parsed)
+        if problem:
+            self.fail(problem, param, ctx)
+        return parsed
+
+
+class OneLineErrors(click.Command):
+    """A command whose bad option values are one line ("Error: Invalid value for '--x': ..."), no usage banner."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.BadParameter as e:
+            raise click.ClickException(e.format_message()) from None
 
 
 @dataclass
@@ -58,6 +150,12 @@ class Distributed:
         return self.rank == 0
 
 
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The batch sampler of one step: a function of (seed, rank, step) alone, so a resumed run draws what an unbroken one would."""
+    digest = hashlib.sha256(f"lmn-train:{seed}:{rank}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 @torch.no_grad()
 def evaluate(model, corpus: Corpus, settings: TrainSettings, batches: int | None = None) -> dict[str, float]:
     """Mean cross-entropy (nats/char) over `batches` random windows of each split (fixed seed)."""
@@ -68,11 +166,77 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings, batches: int | None
         total = 0.0
         n = batches or settings.eval_batches
         for _ in range(n):
-            x, y = Corpus.batch(split, settings.batch, settings.block, generator)
+            x, y = Corpus.batch(split, settings.batch, settings.block, generator)  # (B, T), (B, T)
             total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         losses[name] = total / n
     model.train()
     return losses
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, out: Path, meta: dict[str, Any], settings: TrainSettings) -> None:
+    """Load the optimizer state saved with the checkpoint (if it saved one); this run's lr and weight decay apply."""
+    state = load_optimizer_state(out, meta)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{out / OPTIMIZER} does not fit this model ({e}); restore the checkpoint folder") from None
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = settings.lr, settings.weight_decay
+
+
+@contextlib.contextmanager
+def log_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write to the log into a one-line CheckpointError."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); free some space or make the folder "
+                              "writable, then continue with --resume (the checkpoint is saved)") from None
+
+
+def logged_step(line: str) -> int | None:
+    """The step a log line records; None for a torn or foreign line."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def trim_log(path: Path, step: int, record: dict[str, Any] | None) -> None:
+    """Make the log describe the checkpoint at `step`: drop lines past it (and torn ones), and add
+    its own line (`record`, kept in config.json) when a kill came between the commit and the append."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    kept = [line for line in lines if (logged := logged_step(line)) is not None and logged <= step]
+    if record is not None and all(logged_step(line) != step for line in kept):
+        kept.append(json.dumps(record, allow_nan=False))
+    if kept != lines:
+        with log_errors(path):
+            write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable."""
+    line = json.dumps(record, allow_nan=False) + "\n"
+    with log_errors(path), open(path, "a", encoding="utf-8") as log:
+        log.write(line)
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def check_finite(step: int, values: torch.Tensor, dist: Distributed, settings: TrainSettings, saved: int) -> None:
+    """Stop the run, on every rank, when the loss or gradient norm of `step` is NaN or infinite."""
+    values = values.detach().clone()  # (2,): loss, gradient norm
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(values)  # a NaN or inf on any rank survives the sum
+    if not torch.isfinite(values).all():
+        raise TrainingError(diverged(step, settings, saved))
+
+
+def diverged(step: int, settings: TrainSettings, saved: int) -> str:
+    then = f"--resume from the last checkpoint (step {saved}), which is kept" if saved else "start again"
+    return f"the loss became NaN or infinite at step {step}; lower --lr (now {settings.lr:g}) and {then}"
 
 
 def train(
@@ -86,40 +250,40 @@ def train(
 ) -> dict[str, float]:
     """Train (or resume) a model on `text`, writing a checkpoint to `out`. Returns final losses."""
     dist = dist or Distributed()
+    out = Path(out)
+    meta: dict[str, Any] = {"training": {}}
     if resume:
         model, vocab, meta = load(out)
         model.train()
-        done = int(meta["training"].get("step", 0))
         preset_name = meta["training"].get("preset", preset_name)
     else:
         vocab = CharVocab.from_text(text)
         cfg = preset(preset_name, vocab_size=len(vocab))
         torch.manual_seed(settings.seed)
         model = build_model(cfg)
-        done = 0
+    done = int(meta["training"].get("step", 0))
     if isinstance(model.config, GPTConfig) and settings.block > model.config.block_size:
         raise ConfigError(f"--block {settings.block} exceeds the GPT position table ({model.config.block_size} rows)")
     corpus = Corpus.from_text(text, vocab)
     corpus.check_block(settings.block)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    if resume and (out / OPTIMIZER).is_file():
-        optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
+    if resume:
+        restore_optimizer(optimizer, out, meta, settings)
     trained = model
     if dist.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model)
-    generator = torch.Generator().manual_seed(settings.seed + 1000 * (dist.rank + 1) + done)
+    if dist.main:
+        trim_log(out / LOG, done, meta["training"].get("last_log"))
 
-    def checkpoint(step: int, losses: dict[str, float]) -> None:
+    def checkpoint(step: int, losses: dict[str, float], record: dict[str, Any]) -> None:
         facts = {
             "preset": preset_name, "step": step, "parameters": count_parameters(model),
             **{f"{k}_loss": round(v, 4) for k, v in losses.items()},
-            "settings": settings.__dict__, "world_size": dist.world_size,
+            "settings": dataclasses.asdict(settings), "world_size": dist.world_size, "last_log": record,
         }
-        save(out, model, vocab, facts)
-        torch.save(optimizer.state_dict(), out / OPTIMIZER)
+        save(out, model, vocab, facts, optimizer)
 
-    log = open(out / LOG, "a", encoding="utf-8") if dist.main else None
     losses = {"train": math.nan, "val": math.nan}
     start = time.time()
     steps = range(done, settings.steps)
@@ -128,51 +292,95 @@ def train(
     def status(step):
         return f"train {losses['train']:.4f} val {losses['val']:.4f}" if step is not None else ""
 
-    with click.progressbar(steps, label=f"training {preset_name}", item_show_func=status,
-                           file=sys.stderr if show else open(os.devnull, "w")) as bar:
+    with open(os.devnull, "w") as devnull, click.progressbar(
+        steps, label=f"training {preset_name}", item_show_func=status, file=sys.stderr if show else devnull
+    ) as bar:
         for step in bar:
-            x, y = Corpus.batch(corpus.train, settings.batch, settings.block, generator)
-            loss = F.cross_entropy(trained(x).flatten(0, 1), y.flatten())
+            x, y = Corpus.batch(corpus.train, settings.batch, settings.block, step_generator(settings.seed, dist.rank, step))
+            loss = F.cross_entropy(trained(x).flatten(0, 1), y.flatten())  # x, y: (B, T)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
+            check_finite(step + 1, torch.stack([loss.detach(), norm]), dist, settings, done)
             optimizer.step()
             last = step + 1 == settings.steps
             if dist.main and ((step + 1) % settings.eval_interval == 0 or last):
                 losses = evaluate(model, corpus, settings)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise TrainingError(diverged(step + 1, settings, done))
                 record = {"step": step + 1, "train_loss": losses["train"], "val_loss": losses["val"],
                           "batch_loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                checkpoint(step + 1, losses)
-    if dist.main:
-        log.close()
+                checkpoint(step + 1, losses, record)
+                append_log(out / LOG, record)  # only once its checkpoint has committed
+                done = step + 1
     return losses
 
 
 def evaluate_checkpoint(text: str, out: Path, settings: TrainSettings) -> dict[str, float]:
     """Evaluate a saved checkpoint on `text` (same split and block) and record the result beside it."""
     model, vocab, meta = load(out)
+    optimizer_state = load_optimizer_state(out, meta)
     corpus = Corpus.from_text(text, vocab)
     corpus.check_block(settings.block)
     losses = evaluate(model, corpus, settings)
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise TrainingError(f"the checkpoint in {out} gives a NaN or infinite loss; re-train it with a lower --lr")
     meta["training"][f"eval_{settings.eval_batches}_batches"] = {f"{k}_loss": round(v, 4) for k, v in losses.items()}
-    save(out, model, vocab, meta["training"])
+    save(out, model, vocab, meta["training"], optimizer_state)
     return losses
 
 
-@click.command()
+def check_out(out: Path, resume: bool, evaluate_only: bool) -> None:
+    """Refuse, in one line and before any work, an --out that does not fit the request."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the checkpoint")
+    if out.is_dir():
+        recover(out)
+    has_checkpoint = (out / CONFIG).is_file()
+    if resume and not has_checkpoint:
+        raise CheckpointError(f"--resume: {out} holds no checkpoint; drop --resume to start one")
+    if evaluate_only and not has_checkpoint:
+        raise CheckpointError(f"--evaluate: {out} holds no checkpoint")
+    if not resume and not evaluate_only and has_checkpoint:
+        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume or choose another --out")
+
+
+def prepare_out(out: Path) -> None:
+    """Create --out; refuse one this process cannot write to (read-only file system, no permission)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e}); choose a folder you can write to") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} is not writable (read-only file system or no permission); "
+                          "choose a folder you can write to")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into the Stopped exception while inside, so a half-written checkpoint is cleaned up."""
+    def stop(signum, frame):
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.command(cls=OneLineErrors)
 @click.option("--data", "source", required=True, help="UTF-8 text file or http(s) URL.")
 @click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default="logmem-32", show_default=True)
-@click.option("--steps", default=5000, show_default=True, help="Total optimizer steps.")
-@click.option("--batch", default=16, show_default=True)
-@click.option("--block", default=512, show_default=True, help="Training context in characters.")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=1337, show_default=True)
-@click.option("--eval-interval", default=100, show_default=True)
-@click.option("--eval-batches", default=200, show_default=True, help="Batches per split at each eval.")
-@click.option("--threads", type=int, default=None, help="CPU threads per process (default: all cores).")
+@click.option("--steps", type=Bounded(BOUNDS["steps"]), default=5000, show_default=True, help="Total optimizer steps.")
+@click.option("--batch", type=Bounded(BOUNDS["batch"]), default=16, show_default=True)
+@click.option("--block", type=Bounded(BOUNDS["block"]), default=512, show_default=True, help="Training context in characters.")
+@click.option("--lr", type=Bounded(BOUNDS["lr"]), default=1e-3, show_default=True)
+@click.option("--seed", type=Bounded(BOUNDS["seed"]), default=1337, show_default=True)
+@click.option("--eval-interval", type=Bounded(BOUNDS["eval_interval"]), default=100, show_default=True)
+@click.option("--eval-batches", type=Bounded(BOUNDS["eval_batches"]), default=200, show_default=True,
+              help="Batches per split at each eval.")
+@click.option("--threads", type=Bounded(THREADS), default=None, help="CPU threads per process (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
 @click.option("--evaluate", "evaluate_only", is_flag=True,
@@ -183,23 +391,22 @@ def main(source, preset_name, steps, batch, block, lr, seed, eval_interval, eval
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
     dist = Distributed.from_env()
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // dist.world_size))
-    settings = TrainSettings(steps=steps, batch=batch, block=block, lr=lr, seed=seed,
-                             eval_interval=eval_interval, eval_batches=eval_batches)
     try:
-        if resume and not (out / CONFIG).is_file():
-            raise CheckpointError(f"--resume: {out} holds no checkpoint; drop --resume to start one")
-        if evaluate_only and not (out / CONFIG).is_file():
-            raise CheckpointError(f"--evaluate: {out} holds no checkpoint")
-        if not resume and not evaluate_only and (out / CONFIG).is_file():
-            raise CheckpointError(f"{out} already holds a checkpoint; pass --resume or choose another --out")
+        settings = TrainSettings(steps=steps, batch=batch, block=block, lr=lr, seed=seed,
+                                 eval_interval=eval_interval, eval_batches=eval_batches)
+        check_out(out, resume, evaluate_only)
         text = load_text(source)
-        if evaluate_only:
-            losses = evaluate_checkpoint(text, out, settings)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            losses = train(text, out, preset_name, settings, resume=resume, dist=dist)
-    except (DataError, CheckpointError, ConfigError) as e:
+        prepare_out(out)
+        with stop_on_sigterm():
+            if evaluate_only:
+                losses = evaluate_checkpoint(text, out, settings)
+            else:
+                losses = train(text, out, preset_name, settings, resume=resume, dist=dist)
+    except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         raise click.ClickException(str(e)) from None
+    except Stopped:
+        click.echo(f"stopped by SIGTERM; {out} keeps its last whole checkpoint: continue it with --resume", err=True)
+        sys.exit(128 + signal.SIGTERM)
     finally:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
