@@ -30,7 +30,8 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64)
-    z = (z - z.max()) / temperature  # <= 0 everywhere; a tiny temperature sends all but the best to -inf
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf, as it should
+        z = (z - z.max()) / temperature  # <= 0 everywhere
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
