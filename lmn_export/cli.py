@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -11,7 +14,7 @@ import click
 from models.checkpoint import CheckpointError
 from models.data import DataError
 from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, ExportOptions, export
-from .onnx_export import DEFAULT_OPSET, ExportError
+from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .validate import ValidationError
 
 
@@ -39,14 +42,14 @@ def _human(n: int) -> str:
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Core ML compute precision (fp16 for the Neural Engine).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write an int8 ONNX step graph.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
 @click.option("--stateful", is_flag=True, help="Also write an iOS 18 Core ML variant with fp16 StateType memory.")
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
 @click.option("--prefill", "prefill", default=",".join(map(str, DEFAULT_PREFILL_SIZES)), show_default=True,
               help="Prefill graph sizes in tokens (empty for none).")
 @click.option("--fast-paths", type=click.IntRange(min=0), default=DEFAULT_FAST_PATHS, show_default=True,
               help="LMN step graphs for tokens that re-summarize exactly 0..N-1 levels (0: none).")
-@click.option("--parity-tokens", type=int, default=512, show_default=True, help="Tokens streamed per parity check.")
+@click.option("--parity-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens streamed per parity check.")
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
 @click.option("--force", is_flag=True, help="Replace an --out folder that is not an lmn export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -58,7 +61,8 @@ def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, pr
                             atol=atol, prefill_sizes=_sizes(prefill), fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force)
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     try:
-        result = export(checkpoint, out, options, progress=lambda m: say(f"... {m}"))
+        with stop_on_signals():
+            result = export(checkpoint, out, options, progress=lambda m: say(f"... {m}"))
     except (ExportError, ValidationError, CheckpointError, DataError) as e:
         raise click.ClickException(str(e)) from None
     manifest = result.manifest
@@ -71,9 +75,26 @@ def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, pr
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGTERM and SIGHUP end the export like Ctrl-C: its staging folder is removed."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def print_summary(result) -> None:
     m = result.manifest
-    where = result.directory
+    where = result.directory if result.passed else "nowhere (parity failed)"
     click.echo(f"exported {m['model']['arch']} ({m['model']['n_embd']}-wide, {m['model']['n_layer']} layers, "
                f"vocab {m['model']['vocab_size']}) to {where}")
     for name, facts in m["files"].items():

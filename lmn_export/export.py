@@ -1,30 +1,32 @@
 """Export a checkpoint to an export folder: graphs, parity reports and the `lmn.json` manifest.
 
-Everything is written to a temporary sibling folder and moved into place only after every
-parity check has passed, so a failed export never leaves a half-written folder behind.
+Everything is written to a staging folder beside the destination and moved into place only after
+every parity check has passed (`output_folder`), so a failed or killed export never leaves a
+half-written folder behind and never deletes a folder it was not asked to replace.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-extension import breaks it
 import torch
 
 import runtime.manifest as manifest_schema
 from runtime.backends import fast_path_levels
+from runtime.atomic import write_atomic
 from runtime.model import open_session
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from . import coreml_export, onnx_export
 from .graphs import BATCH
-from .onnx_export import DEFAULT_OPSET, ExportError
+from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
+from .output_folder import DestinationError, check_destination, publish, remove_stale, staging_folder
 from .parity_text import parity_ids
 from .validate import (FP16_ATOL, FP32_ATOL, START_POINTERS, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
@@ -110,18 +112,30 @@ def state_bytes(spec_dict: dict) -> int:
     return total
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is a file; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / manifest_schema.MANIFEST).is_file() and not force:
-        raise ExportError(f"{out} exists and is not an lmn export; choose another --out or pass --force to replace it")
+def check_options(options: ExportOptions) -> None:
+    """Every option in range before any work: a one-line ExportError that says what is allowed."""
+    unknown = set(options.targets) - set(TARGETS)
+    if unknown or not options.targets:
+        raise ExportError(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    if isinstance(options.opset, bool) or not isinstance(options.opset, int) or not MIN_OPSET <= options.opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (the torch.onnx exporter writes opset "
+                          f"{MIN_OPSET} or newer; onnxruntime here runs up to {MAX_OPSET}), got {options.opset!r}")
+    if options.atol is not None and not (math.isfinite(options.atol) and options.atol >= 0):
+        raise ExportError(f"--atol must be a finite number >= 0, got {options.atol!r}")
+    if options.parity_tokens < 1:
+        raise ExportError("--parity-tokens must be at least 1")
+    if options.fast_paths < 0:
+        raise ExportError("--fast-paths must be >= 0")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in options.prefill_sizes):
+        raise ExportError(f"--prefill sizes must be whole numbers >= 1, got {options.prefill_sizes!r}")
 
 
 def check_exportable(model, options: ExportOptions) -> None:
     cfg = model.config
-    unknown = set(options.targets) - set(TARGETS)
-    if unknown:
-        raise ExportError(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ExportError(f"the checkpoint has non-finite weights ({', '.join(bad[:3])}); it cannot be exported: "
+                          "re-train (lower --lr) or restore an earlier checkpoint")
     if "coreml" in options.targets and isinstance(cfg, LMNConfig) and cfg.max_levels > CORE_ML_MAX_LEVELS:
         raise ExportError(f"Core ML export supports max_levels <= {CORE_ML_MAX_LEVELS} (int32 block sizes); "
                           f"this model has {cfg.max_levels}")
@@ -135,8 +149,6 @@ def check_exportable(model, options: ExportOptions) -> None:
         raise ExportError("--quantize supports int8 only")
     if options.quantize and "onnx" not in options.targets:
         raise ExportError("--quantize int8 applies to ONNX; add --to onnx")
-    if options.parity_tokens < 1:
-        raise ExportError("--parity-tokens must be at least 1")
 
 
 def export(checkpoint: Path | str | None, out: Path | str, options: ExportOptions, progress=None) -> ExportResult:
@@ -144,24 +156,29 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
     progress = progress or (lambda message: log.info(message))
     checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     out = Path(out)
-    check_output_dir(out, options.force)
+    check_options(options)
+    try:
+        check_destination(out, options.force)
+    except DestinationError as e:
+        raise ExportError(str(e)) from None
     model, vocab, meta = load(checkpoint)
     check_exportable(model, options)
     torch.manual_seed(0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        result = _export_into(work, model, vocab, checkpoint, options, progress)
-        if not result.passed:
-            return ExportResult(out, result.manifest, result.reports)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-        result.directory = out
-        return result
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+        if out.parent.is_dir():
+            for stale in remove_stale(out):
+                progress(f"removed {stale.name}, left by an export that was killed")
+        with staging_folder(out) as work:
+            result = _export_into(work, model, vocab, checkpoint, options, progress)
+            if not result.passed:
+                return ExportResult(out, result.manifest, result.reports)
+            publish(work, out)
+    except OSError as e:
+        where = e.filename or out
+        raise ExportError(f"cannot write the export at {where}: {e.strerror or e}; nothing was changed at {out} "
+                          "(free space, fix permissions or choose another --out)") from None
+    result.directory = out
+    return result
 
 
 def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progress=lambda message: None) -> list[dict]:
@@ -198,7 +215,7 @@ def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: 
     reports = []
     for row, pointer in enumerate(start_pointers(model, options.parity_tokens)):
         predictor = FastPathPredictor(general, fast, model.config.max_levels)
-        report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], options.atol or FP32_ATOL,
+        report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], _atol(options, FP32_ATOL),
                                f"onnx fast paths @{pointer}", predictor.runner)
         report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
         reports.append(report)
@@ -220,10 +237,14 @@ def _quantize_fast_paths(work: Path, model, fp32: FastPathPredictor, text_ids: l
     return int8_report(fp32, int8, text_ids, options, "onnx int8 fast paths", start=START_POINTERS[1])
 
 
+def _atol(options: ExportOptions, default: float) -> float:
+    """The parity tolerance: --atol when given (0 included), else the default for the precision."""
+    return default if options.atol is None else options.atol
+
+
 def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
     cfg = model.config
     is_lmn = isinstance(model, LMN)
-    atol = options.atol
     graphs, reports = [], []
     text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
 
@@ -237,7 +258,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         check_names(spec, predictor.input_names, predictor.output_names)
         tokens = stream_tokens(model, text_ids, options.parity_tokens)
         reports.append(stream_parity(model, predictor, spec, tokens, start_pointers(model, options.parity_tokens),
-                                     atol or FP32_ATOL, "onnx step", predictor.runner))
+                                     _atol(options, FP32_ATOL), "onnx step", predictor.runner))
         fast = {}
         if is_lmn and options.fast_paths:
             fast_reports, fast = _export_fast_paths(work, model, predictor, spec, tokens, options, graphs, progress)
@@ -253,7 +274,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                 check_names(pspec, ppredictor.input_names, ppredictor.output_names)
                 ptokens = stream_tokens(model, text_ids, size)
                 reports.append(prefill_parity(model, ppredictor, pspec, ptokens, [size, size // 2 + 1, 1],
-                                              atol or FP32_ATOL, f"onnx prefill {size}", ppredictor.runner))
+                                              _atol(options, FP32_ATOL), f"onnx prefill {size}", ppredictor.runner))
         if options.quantize == "int8":
             from .quantize import quantize_int8
 
@@ -277,7 +298,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         steps = options.parity_tokens
         progress(f"checking Core ML parity over {steps} tokens with {runner}")
         tokens = stream_tokens(model, text_ids, steps)
-        bound = atol or (FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
+        bound = _atol(options, FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
         reports.append(stream_parity(model, predictor, cspec, tokens, start_pointers(model, steps, 2**31 - 1),
                                      bound, f"coreml step ({options.precision})", runner))
         if options.stateful:
@@ -289,7 +310,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                                    "copy per token, but fp16 memory and no explicit state to save or branch"})
             spredictor, runner = load_coreml(work / "model.stateful.mlpackage")
             for pointer in start_pointers(model, steps, 2**31 - 1):  # batch 1: one stream per start
-                reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], atol or FP16_ATOL,
+                reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], _atol(options, FP16_ATOL),
                                              f"coreml stateful @{pointer}", runner))
 
     files = {}
@@ -297,7 +318,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         path = work / entry["file"]
         files[entry["file"]] = {"sha256": manifest_schema.file_digest(path), "bytes": manifest_schema.file_size(path)}
     step = next(g for g in graphs if g["name"] == "step")
-    manifest = {
+    manifest = manifest_schema.seal({
         "format": manifest_schema.FORMAT,
         "format_version": manifest_schema.FORMAT_VERSION,
         "created_by": "lmn_export 0.1.0",
@@ -308,6 +329,6 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         "files": files,
         "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
         "parity": {"text": text_source, "reports": [r.to_dict() for r in reports]},
-    }
-    (work / manifest_schema.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    })
+    write_atomic(work / manifest_schema.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return ExportResult(work, manifest, reports)

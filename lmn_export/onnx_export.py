@@ -11,10 +11,14 @@ from pathlib import Path
 import onnx
 import torch
 
+from runtime.atomic import write_atomic
 from models import LMN, GPT
 from .graphs import BATCH, GraphSpec, PrefillGraph, example_state, step_graph, prefill_spec, step_spec
 
 DEFAULT_OPSET = 18
+# The dynamo exporter writes opset 18 or newer (an older request silently becomes 18), and this
+# project's graphs were checked to load and run in onnxruntime 1.32 up to opset 25.
+MIN_OPSET, MAX_OPSET = 18, 25
 MAX_BATCH = 4096
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ def _export(graph: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path, op
             raise ExportError(f"torch.onnx.export failed at opset {opset}: {type(cause).__name__}: "
                               f"{str(cause).strip().splitlines()[0]}") from e
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(f"asked for opset {opset}, the exporter wrote opset {written}; choose --opset {written}")
     proto.producer_name, proto.producer_version = "lmn_export", "1"
     for node in proto.graph.node:
         node.doc_string = ""
@@ -51,7 +58,7 @@ def _export(graph: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path, op
     proto.doc_string = ""
     del proto.metadata_props[:]
     onnx.checker.check_model(proto)
-    path.write_bytes(proto.SerializeToString(deterministic=True))
+    write_atomic(path, proto.SerializeToString(deterministic=True))
 
 
 def export_step(model: LMN | GPT, path: Path, opset: int = DEFAULT_OPSET, levels: int | None = None,

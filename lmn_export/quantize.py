@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,18 @@ def int8_report(fp32, int8, text_ids: list[int], options, graph: str = "onnx ste
     """Compare int8 and fp32 predictors streaming the text from pointer `start`: agreement and loss."""
     ids = text_ids[: options.parity_tokens + 1]
     want, got = _stream(fp32, ids[:-1], start), _stream(int8, ids[:-1], start)
-    agreement = float((want.argmax(-1) == got.argmax(-1)).mean())
+    finite = bool(np.isfinite(want).all() and np.isfinite(got).all())
+    agreement = float((want.argmax(-1) == got.argmax(-1)).mean()) if finite else 0.0
     loss_fp32, loss_int8 = _cross_entropy(want, ids[1:]), _cross_entropy(got, ids[1:])
+    increase = max(0.0, loss_int8 - loss_fp32) if finite else math.inf  # NaN logits fail, never pass
     report = ParityReport(graph, "onnxruntime", len(ids) - 1, 1, [start], [
         OutputDiff("next_token_disagreement", 1 - agreement, 1 - options.int8_min_agreement),
-        OutputDiff("loss_increase_nats", max(0.0, loss_int8 - loss_fp32), options.int8_max_loss_increase),
+        OutputDiff("loss_increase_nats", increase, options.int8_max_loss_increase),
     ])
-    report.extra = {"agreement": agreement, "loss_fp32": loss_fp32, "loss_int8": loss_int8,
-                    "max_logit_diff": float(np.abs(want - got).max())}
+    report.extra = {"agreement": agreement, "finite": finite,
+                    **{k: v if math.isfinite(v) else None for k, v in (
+                        ("loss_fp32", loss_fp32), ("loss_int8", loss_int8),
+                        ("max_logit_diff", float(np.abs(want - got).max())))}}
     return report
 
 

@@ -6,6 +6,7 @@ graph, each fed its own state back; the report gives the max abs difference per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -46,7 +47,8 @@ class OutputDiff:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol
+        """Within tolerance; NaN or inf anywhere (a gap that is not a finite number) always fails."""
+        return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.atol
 
 
 @dataclass
@@ -64,8 +66,10 @@ class ParityReport:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict:
+        """Standard JSON: a non-finite gap (NaN or inf in an output) is written as null."""
         return {**asdict(self), "passed": self.passed,
-                "outputs": [{**asdict(o), "passed": o.passed} for o in self.outputs]}
+                "outputs": [{**asdict(o), "max_abs_diff": o.max_abs_diff if math.isfinite(o.max_abs_diff) else None,
+                             "passed": o.passed} for o in self.outputs]}
 
     def raise_for_failure(self) -> None:
         failed = [f"{o.name} {o.max_abs_diff:.3g} > {o.atol:g}" for o in self.outputs if not o.passed]
@@ -95,6 +99,16 @@ def _initial_state(model: LMN | GPT, start: list[int]) -> tuple[torch.Tensor, ..
     return (*tensors, torch.tensor(start, dtype=torch.int64))
 
 
+def worst_gap(previous: float, got: np.ndarray, want: np.ndarray) -> float:
+    """The larger of `previous` and max |got - want|; NaN or inf in either array gives inf, so it sticks."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        raise ShapeError(f"shape {got.shape}, expected {want.shape}")
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return math.inf
+    return max(previous, float(np.abs(got - want).max(initial=0.0)))
+
+
 @torch.no_grad()
 def stream_parity(model: LMN | GPT, predictor, spec: GraphSpec, tokens: np.ndarray, start: list[int],
                   atol: float, graph: str, runner: str) -> ParityReport:
@@ -113,8 +127,7 @@ def stream_parity(model: LMN | GPT, predictor, spec: GraphSpec, tokens: np.ndarr
         if t == 0:
             check_shapes(spec, got, batch)
         for out, ref in zip(spec.outputs, want):
-            gap = np.abs(got[out.name].astype(np.float64) - ref.numpy().astype(np.float64)).max()
-            diffs[out.name] = max(diffs[out.name], float(gap))
+            diffs[out.name] = worst_gap(diffs[out.name], got[out.name], ref.numpy())
         torch_state = want[1:]
         graph_state = {s.input: got[s.output] for s in spec.state}
     report = ParityReport(graph, runner, steps, batch, list(start),
@@ -168,6 +181,6 @@ def prefill_parity(model: LMN, predictor, spec: GraphSpec, tokens: np.ndarray, l
             if n == t + 1:
                 want_logits[b], want_memory[b] = logits[b].numpy(), state[0][b].numpy()
     return ParityReport(graph, runner, size, batch, [0] * batch, [
-        OutputDiff("logits", float(np.abs(got["logits"] - want_logits).max()), atol),
-        OutputDiff("memory_out", float(np.abs(got["memory_out"] - want_memory).max()), atol),
-        OutputDiff("pointer_out", float(np.abs(got["pointer_out"] - np.asarray(lengths)).max()), 0.0)])
+        OutputDiff("logits", worst_gap(0.0, got["logits"], want_logits), atol),
+        OutputDiff("memory_out", worst_gap(0.0, got["memory_out"], want_memory), atol),
+        OutputDiff("pointer_out", worst_gap(0.0, got["pointer_out"], np.asarray(lengths)), 0.0)])

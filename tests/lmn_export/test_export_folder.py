@@ -107,8 +107,11 @@ def test_cli_exports_and_reports(checkpoint, tmp_path):
     assert "model.onnx" in result.output and "state per stream" in result.output and "ok" in result.output
     assert (out / "lmn.json").is_file()
     first = json.loads((out / "lmn.json").read_text())["files"]
-    again = CliRunner().invoke(main, [str(checkpoint), "--out", str(out), "--prefill", "", "--parity-tokens", "16", "--json"])
-    assert again.exit_code == 0
+    refused = CliRunner().invoke(main, [str(checkpoint), "--out", str(out), "--prefill", "", "--parity-tokens", "16"])
+    assert refused.exit_code != 0 and "already holds an lmn export; pass --force" in refused.output
+    again = CliRunner().invoke(main, [str(checkpoint), "--out", str(out), "--prefill", "", "--parity-tokens", "16",
+                                      "--json", "--force"])
+    assert again.exit_code == 0, again.output
     data = json.loads(again.output)
     assert data["passed"] and data["files"]["model.onnx"]["sha256"] == file_digest(out / "model.onnx")
     assert data["files"] == first  # the same checkpoint exports to byte-identical ONNX files
