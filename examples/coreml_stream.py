@@ -3,14 +3,22 @@
     lmn-export --to all --out exports/default     # writes model.mlpackage beside model.onnx
     python examples/coreml_stream.py exports/default
 
-On Linux `runtime.load(..., backend="coreml")` raises BackendError: Core ML executes only on macOS.
+Elsewhere it exits at once with a one-line message (use examples/stream.py there: onnxruntime);
+`runtime.load(..., backend="coreml")` itself raises BackendError off macOS.
 """
 
+import platform
 import sys
 
 import runtime
 
-model = runtime.load(sys.argv[1] if len(sys.argv) > 1 else "exports/default", backend="coreml")
+if platform.system() != "Darwin":
+    sys.exit(f"Core ML runs only on macOS (this is {platform.system()}); "
+             "on this machine run examples/stream.py (onnxruntime)")
+try:
+    model = runtime.load(sys.argv[1] if len(sys.argv) > 1 else "exports/default", backend="coreml")
+except (runtime.ManifestError, runtime.BackendError) as e:  # no export there, no Core ML graph, no coremltools
+    sys.exit(f"coreml_stream.py: {e}")
 stream = runtime.Stream(model)
 stream.feed("JULIET:\n")  # Core ML has no prefill graph here: every token is a step
 for char in stream.generate(300, temperature=0.8, seed=1):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -19,16 +20,19 @@ from pathlib import Path
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 import runtime
+from runtime.atomic import TEMP_MARK, atomic_path, resolve_target, write_atomic
 from runtime.backends import OnnxStepper
 from runtime.model import open_session
 
-from .decode_speed import SpeedSettings, bench_decode_speed
+from .decode_speed import EXPORT_PRESET, SpeedSettings, bench_decode_speed, preset_names
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 GPT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "baselines" / "gpt2-32"
 QUALITY_WINDOWS = ((0, 512), (512, 4096), (4096, 16384), (16384, 1 << 62))
+MAX_CONTEXT = 1 << 62  # the LMN's pointer is an int64
 
 
 def rss_bytes() -> int:
@@ -155,6 +159,13 @@ class Settings:
 
 
 session = open_session
+
+
+def gpt_positions(s: Settings) -> int:
+    """Rows the GPT-2 baseline must hold: a shared context plus every token stepped after it
+    (warm-up and timed), or the longest time-to-first-token prompt, whichever is longer."""
+    span = s.warmup + s.tokens * s.reps
+    return max(max(s.contexts) + span, max(s.prompts, default=0)) + 1
 
 
 def text_ids(vocab: runtime.Vocab, chars: int | None) -> tuple[list[int], list[int], str]:
@@ -327,13 +338,16 @@ def machine() -> dict:
 
 def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
     model = runtime.load(lmn_dir, threads=s.threads)
+    if model.config.get("arch", "lmn") != "lmn":
+        raise runtime.ManifestError(f"{model.directory} holds a {model.config['arch']} export; lmn-bench times an LMN "
+                                    "export against its own GPT-2 baseline: give an LMN export folder")
     drive, val, source = text_ids(model.vocab, s.quality_chars)
     span = s.warmup + s.tokens * s.reps
     result = {"machine": machine(), "settings": dataclasses.asdict(s), "text": source,
               "lmn": {"config": model.config, "state_bytes": model.state_bytes,
                       "files": model.manifest.data["files"]}}
     with tempfile.TemporaryDirectory() as tmp:
-        gpt_dir, gcfg, (bare_path, bare_graph) = build_baselines(model.config, max(s.contexts) + span + 2, Path(tmp), log)
+        gpt_dir, gcfg, (bare_path, bare_graph) = build_baselines(model.config, gpt_positions(s), Path(tmp), log)
         decode = bench_lmn(model, drive, s, log)
         decode += bench_gpt(gpt_dir, gcfg, s.contexts, s, log)
         bare = OnnxStepper(session(bare_path, s.threads), bare_graph)
@@ -432,6 +446,35 @@ def print_report(r: dict) -> None:
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
 
 
+def finite_json(value, where: str = "") -> tuple[object, list[str]]:
+    """`value` as standard JSON data: every NaN or infinite number becomes None (JSON null).
+
+    Returns (the copy, where each replaced number was, e.g. "quality[0].bpc"): strict JSON readers
+    reject NaN, and a null plus its place in the list says "not measured" without a fake number.
+    """
+    if isinstance(value, dict):
+        pairs = [(k, finite_json(v, f"{where}.{k}" if where else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, bad) in pairs for p in bad]
+    if isinstance(value, (list, tuple)):
+        items = [finite_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, bad in items for p in bad]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), []
+    if isinstance(value, (int, np.integer)):
+        return int(value), []
+    if isinstance(value, (float, np.floating)):
+        return (float(value), []) if math.isfinite(value) else (None, [where])
+    return value, []
+
+
+def results_json(r: dict) -> tuple[str, list[str]]:
+    """The results file's text (standard JSON: non-finite numbers are null, their places listed
+    under `non_finite`) and that list."""
+    clean, replaced = finite_json(r)
+    clean["non_finite"] = replaced
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n", replaced
+
+
 def plot(r: dict, directory: Path) -> list[Path]:
     try:
         import matplotlib
@@ -439,7 +482,7 @@ def plot(r: dict, directory: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise click.ClickException("--plot needs matplotlib: pip install 'lmn[bench]'") from None
+        raise click.ClickException(MATPLOTLIB_HINT) from None
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for key, label, name in (("p50_us", "decode latency p50 (us/token)", "latency.png"),
@@ -455,46 +498,165 @@ def plot(r: dict, directory: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=120)
+        with atomic_path(directory / name) as tmp:  # the temp name has no .png suffix: say the format
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         written.append(directory / name)
     return written
 
 
+# --- command-line arguments, each checked once where it enters (click callbacks), before any work ---
+
+MATPLOTLIB_HINT = "--plot needs matplotlib: pip install 'lmn[bench]'"
+
+
+def parse_contexts(ctx, param, text: str) -> tuple[int, ...]:
+    """Comma-separated token counts from 1 to 2**62, each kept once, ascending; --lmn-contexts may be empty."""
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    if not items:
+        if param.name == "lmn_contexts":
+            return ()
+        raise click.BadParameter("give at least one context: comma-separated token counts, e.g. 1024,4096")
+    values = []
+    for item in items:
+        if not item:
+            raise click.BadParameter(f"{text!r} has an empty entry; give comma-separated token counts, e.g. 1024,4096")
+        try:
+            value = int(item)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a token count; give comma-separated whole numbers, "
+                                     "e.g. 1024,4096") from None
+        if not 1 <= value <= MAX_CONTEXT:
+            raise click.BadParameter(f"{value} is out of range: a context is 1 to 2**62 tokens")
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def parse_presets(ctx, param, text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    allowed = preset_names()
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)} "
+                                 "(comma-separated; empty to skip the section)")
+    return names
+
+
+def cannot_create_in(directory: Path) -> str | None:
+    """Why no file can be created in `directory` (None: one can). Tries it: permission bits do
+    not tell (root, read-only mounts, /proc); the probe file is removed at once."""
+    if not directory.is_dir():
+        return f"{directory} is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".lmn-bench{TEMP_MARK}probe-"):
+            pass
+    except OSError as e:
+        return f"cannot create files in {directory} ({e.strerror or e})"
+    return None
+
+
+def check_json_path(ctx, param, path: Path | None) -> Path | None:
+    """A file path the results can be written to when the run ends (checked now, not after minutes)."""
+    if path is None:
+        return None
+    target = resolve_target(path)
+    if target.is_dir():
+        raise click.BadParameter(f"{path} is a folder; give a file path, e.g. {path / 'bench.json'}")
+    if target.exists() and not target.is_file():
+        raise click.BadParameter(f"{path} exists and is not a regular file; give a file path")
+    if not target.parent.exists():
+        raise click.BadParameter(f"folder {target.parent} does not exist; create it first")
+    reason = cannot_create_in(target.parent)
+    if reason:
+        raise click.BadParameter(reason)
+    return path
+
+
+def check_plot_dir(ctx, param, path: Path | None) -> Path | None:
+    """A folder the charts can go in (created before the run), with matplotlib importable."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise click.BadParameter(f"{path} exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = cannot_create_in(existing)
+    if reason:
+        raise click.BadParameter(f"cannot write charts to {path}: {reason}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.BadParameter(MATPLOTLIB_HINT.removeprefix("--plot ")) from None
+    return path
+
+
+def quick_settings(s: Settings, given: set[str]) -> Settings:
+    """--quick's small run; every option given on the command line keeps its value. Decode speed
+    times the export being benchmarked (no preset exported) unless --speed-presets is given."""
+    quick = {"contexts": (1024, 4096), "lmn_only_contexts": (16384,), "tokens": 50, "reps": 2}
+    quick = {k: v for k, v in quick.items() if k not in given}
+    presets = s.speed.presets if "speed_presets" in given else (EXPORT_PRESET,)
+    return dataclasses.replace(s, **quick, warmup=10, prompts=(64, 512), quality_chars=4096,
+                               speed=dataclasses.replace(s.speed, presets=presets, tokens=100, rounds=2))
+
+
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
-@click.option("--contexts", default="1024,4096,16384,65536", show_default=True, help="Shared contexts (comma-separated).")
-@click.option("--lmn-contexts", default="1048576", show_default=True, help="Extra LMN-only contexts.")
-@click.option("--tokens", default=90, show_default=True, help="Timed tokens per repetition.")
-@click.option("--reps", default=10, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--contexts", default="1024,4096,16384,65536", show_default=True, callback=parse_contexts,
+              help="Shared contexts (comma-separated token counts).")
+@click.option("--lmn-contexts", default="1048576", show_default=True, callback=parse_contexts,
+              help="Extra LMN-only contexts (comma-separated; empty for none).")
+@click.option("--tokens", type=click.IntRange(min=1), default=90, show_default=True, help="Timed tokens per repetition.")
+@click.option("--reps", type=click.IntRange(min=1), default=10, show_default=True, help="Repetitions.")
 @click.option("--step-all", is_flag=True, help="Reach LMN-only contexts by stepping too (1M tokens: minutes).")
-@click.option("--speed-presets", default="logmem-32,logmem-128", show_default=True,
-              help="Presets for the decode-speed section (comma-separated; empty to skip it).")
-@click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
-@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="Write PNG charts here.")
-def main(directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, quick, json_path, plot_dir):
+@click.option("--speed-presets", default="logmem-32,logmem-128", show_default=True, callback=parse_presets,
+              help=f"Presets for the decode-speed section (comma-separated; '{EXPORT_PRESET}': the export benchmarked, "
+                   "at its own size; empty to skip it).")
+@click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text; "
+                                            "options given explicitly keep their values.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=check_json_path,
+              help="Write results as JSON.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, callback=check_plot_dir,
+              help="Write PNG charts here.")
+@click.pass_context
+def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, quick, json_path, plot_dir):
     """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache."""
-    parse = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
-    s = Settings(threads=threads, contexts=parse(contexts), lmn_only_contexts=parse(lmn_contexts),
-                 tokens=tokens, reps=reps, step_all=step_all,
-                 speed=SpeedSettings(presets=tuple(p.strip() for p in speed_presets.split(",") if p.strip())))
+    s = Settings(threads=threads, contexts=contexts, lmn_only_contexts=lmn_contexts, tokens=tokens, reps=reps,
+                 step_all=step_all, speed=SpeedSettings(presets=speed_presets))
     if quick:
-        s = dataclasses.replace(s, contexts=(1024, 4096), lmn_only_contexts=(16384,), tokens=50, reps=2,
-                                warmup=10, prompts=(64, 512), quality_chars=4096,
-                                speed=dataclasses.replace(s.speed, presets=s.speed.presets[:1], tokens=100, rounds=2))
+        given = {name for name in ctx.params
+                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        s = quick_settings(s, {"lmn_only_contexts" if name == "lmn_contexts" else name for name in given})
+    if plot_dir:
+        try:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise click.BadParameter(f"cannot create {plot_dir} ({e.strerror or e})", param_hint="'--plot'") from None
     try:
         result = run(directory, s, log=lambda m: click.echo(f"... {m}", err=True))
     except (runtime.ManifestError, runtime.BackendError) as e:
         raise click.ClickException(str(e)) from None
+    except MemoryError:
+        raise click.ClickException("out of memory: the GPT-2 KV cache grows with --contexts (and the LMN's state "
+                                   "does not); give smaller --contexts") from None
+    written = []
+    try:
+        if json_path:
+            text, replaced = results_json(result)
+            write_atomic(json_path, text)
+            written.append(json_path)
+            if replaced:
+                click.echo(f"note: not finite, written to {json_path} as null: {', '.join(replaced)}", err=True)
+        if plot_dir:
+            written += plot(result, plot_dir)
+    except OSError as e:
+        print_report(result)
+        raise click.ClickException(f"cannot write {e.filename or 'results'} ({e.strerror or e})") from None
     print_report(result)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-        click.echo(f"wrote {json_path}")
-    if plot_dir:
-        for p in plot(result, plot_dir):
-            click.echo(f"wrote {p}")
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ from runtime.backends import OnnxStepper, empty_state, fast_path_levels
 
 NO_MEMORY = "no memory"
 NO_MEMORY_INT8 = "no memory int8"
+EXPORT_PRESET = "export"  # not a preset: the export being benchmarked, its own config and weights (nothing re-exported)
+
+
+def preset_names() -> tuple[str, ...]:
+    """What the decode-speed section accepts: `export` and every LMN preset."""
+    from models.config import PRESETS, LMNConfig
+
+    return (EXPORT_PRESET, *(name for name, cfg in PRESETS.items() if isinstance(cfg, LMNConfig)))
 
 
 @dataclasses.dataclass
@@ -73,6 +81,7 @@ def export_no_memory(config: dict, work: Path, log) -> Path:
 def write_step_export(out: Path, cfg, graphs: list[dict]) -> Path:
     """Add an int8 copy of every graph and a minimal manifest the runtime loads (no parity: timing only)."""
     from runtime import manifest as schema
+    from runtime.atomic import write_atomic
 
     from .export import write_int8_copy
 
@@ -82,7 +91,7 @@ def write_step_export(out: Path, cfg, graphs: list[dict]) -> Path:
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))
     data = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "model": cfg.to_dict(), "vocab": vocab,
             "state_bytes_per_stream": 0, "graphs": graphs, "files": files}
-    (out / schema.MANIFEST).write_text(json.dumps(data, indent=2))
+    write_atomic(out / schema.MANIFEST, json.dumps(schema.seal(data), indent=2, allow_nan=False))
     return out
 
 
@@ -190,7 +199,7 @@ def bench_decode_speed(shipped: Path, drive: list[int], s: SpeedSettings, work: 
     shipped_config = runtime.read_manifest(shipped).model
     rows = []
     for name in s.presets:
-        cfg = preset(name, shipped_config["vocab_size"]).to_dict()
+        cfg = dict(shipped_config) if name == EXPORT_PRESET else preset(name, shipped_config["vocab_size"]).to_dict()
         same = {k: cfg[k] for k in cfg if k != "vocab_size"} == {k: shipped_config[k] for k in cfg if k != "vocab_size"}
         directory = shipped if same else export_preset(name, work, shipped_config["vocab_size"], log)
         bare_dir = export_no_memory(cfg, work, log)

@@ -1,18 +1,29 @@
-"""lmn-bench's own logic on tiny models, in seconds (timings themselves are never asserted)."""
+"""lmn-bench's own logic and its command line on tiny models (timings are only bounded, never compared)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
-from lmn_export.bench import KVConcatStepper, KVRowsStepper, Settings, Timing, run, session, summarize
+import runtime
+from lmn_export import bench
+from lmn_export.bench import (KVConcatStepper, KVRowsStepper, Settings, Timing, finite_json, gpt_positions, main,
+                              parse_contexts, parse_presets, results_json, run, session, summarize)
 from lmn_export.decode_speed import (NO_MEMORY, SpeedSettings, export_no_memory, profile_graph, python_overhead_us,
                                      steppers, time_interleaved)
 from lmn_export.onnx_export import export_kv_layout
 from models import GPT, GPTConfig
+from runtime.atomic import TEMP_MARK
 
 
 def test_timing_summary():
@@ -59,8 +70,11 @@ def test_summary_ratios():
 
 
 def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
-    s = Settings(contexts=(64,), lmn_only_contexts=(256,), tokens=5, reps=2, warmup=2, prompts=(16,),
+    # prompt 100 > context 64 + the 12 tokens stepped after it: the GPT-2 baseline must still hold it
+    # (it was sized from the contexts alone, and `--contexts 1024` crashed in the time-to-first-token test)
+    s = Settings(contexts=(64,), lmn_only_contexts=(256,), tokens=5, reps=2, warmup=2, prompts=(16, 100),
                  quality_chars=200, speed=SpeedSettings(presets=()))
+    assert gpt_positions(s) == 101
     result = run(export_dir, s, log=lambda m: None)
     lmn = [r for r in result["decode"] if r["model"] == "lmn"]
     assert [r["n_ctx"] for r in lmn] == [64, 256] and len({r["state_bytes"] for r in lmn}) == 1
@@ -68,7 +82,9 @@ def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
     gpt = [r for r in result["decode"] if r["layout"] == "kv-inplace"]
     assert gpt[0]["state_bytes"] > lmn[0]["state_bytes"]
     assert result["memory_overhead_ratio"] > 0 and {r["variant"] for r in result["ttft"]} >= {"lmn prefill"}
-    json.dumps(result)  # --json writes exactly this
+    assert {(r["variant"], r["prompt_tokens"]) for r in result["ttft"]} == {
+        (v, n) for v in ("lmn prefill", "lmn stepping", "gpt2 stepping") for n in (16, 100)}
+    json.loads(results_json(result)[0])  # --json writes exactly this
 
 
 def test_decode_speed_pieces_on_a_tiny_export(export_dir, tmp_path):
@@ -88,3 +104,236 @@ def test_decode_speed_pieces_on_a_tiny_export(export_dir, tmp_path):
     level0 = runtime.read_manifest(export_dir).graph("step_levels")
     profile = profile_graph(export_dir, level0, pointer=2**20 - 2, runs=5)
     assert profile["nodes_per_run"] > 0 and abs(sum(o["share"] for o in profile["ops"]) - 1) < 1e-6
+
+
+# --- the lmn-bench command line itself -----------------------------------------------------------
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+PNG = b"\x89PNG\r\n\x1a\n"
+# Per-token latency ceiling: the tiny model steps in ~30 us here and its GPT-2 at 4,096 rows in ~0.3 ms;
+# 0.1 s per token is 300x that (room for a loaded CI machine) and only a broken step (e.g. a whole
+# sequence recomputed per token) or a unit mix-up (ns or s written as us) reaches it.
+MAX_US_PER_TOKEN = 1e5
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (which json.dumps writes unless allow_nan=False)."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def is_latency(x) -> bool:
+    return isinstance(x, (int, float)) and 0 < x < MAX_US_PER_TOKEN
+
+
+@pytest.fixture(scope="module")
+def quick_run(export_dir, tmp_path_factory):
+    """`lmn-bench DIR --quick --json PATH [--plot DIR]` on the tiny export, invoked once through its command
+    line (~20 s on two shared cores: the GPT-2 graphs' export dominates)."""
+    out = tmp_path_factory.mktemp("bench")
+    args = [str(export_dir), "--quick", "--json", str(out / "bench.json")]
+    if HAVE_MATPLOTLIB:
+        args += ["--plot", str(out / "charts")]
+    return CliRunner().invoke(main, args), out
+
+
+def test_quick_cli_writes_the_results_a_user_reads(quick_run):
+    result, out = quick_run
+    assert result.exit_code == 0, result.output
+    assert "summary:" in result.output and f"wrote {out / 'bench.json'}" in result.output
+    assert [p.name for p in out.iterdir() if TEMP_MARK in p.name] == []  # the atomic write left no temp file
+    data = strict_json((out / "bench.json").read_text())
+    assert {"machine", "settings", "text", "lmn", "decode", "no_memory", "memory_overhead_ratio", "ttft",
+            "decode_speed", "quality", "summary", "non_finite"} <= set(data)
+    assert data["non_finite"] == []
+    s = data["settings"]  # --quick's sizes, and its decode-speed section times this export (nothing re-exported)
+    assert (s["contexts"], s["lmn_only_contexts"], s["tokens"], s["reps"], s["prompts"]) == \
+        ([1024, 4096], [16384], 50, 2, [64, 512])
+    assert s["speed"]["presets"] == ["export"]
+    timed = s["tokens"] * s["reps"]
+
+    lmn = [r for r in data["decode"] if r["model"] == "lmn"]
+    assert [r["n_ctx"] for r in lmn] == [1024, 4096, 16384]
+    assert [r["reached_by"] for r in lmn][:2] == ["stepping", "stepping"] and lmn[2]["reached_by"].startswith("pointer")
+    assert {r["state_bytes"] for r in lmn} == {data["lmn"]["state_bytes"]}  # constant, and what the manifest says
+    cfg = data["lmn"]["config"]
+    kv_row = 2 * cfg["n_layer"] * cfg["n_embd"] * 4  # fp32 key + value per cached token
+    for layout in ("kv-inplace", "kv-concat"):
+        gpt = {r["n_ctx"]: r for r in data["decode"] if r["layout"] == layout}
+        assert sorted(gpt) == [1024, 4096]
+        assert gpt[4096]["state_bytes"] - gpt[1024]["state_bytes"] == (4096 - 1024) * kv_row  # grows with context
+        assert gpt[1024]["state_bytes"] > 100 * lmn[0]["state_bytes"]
+    for r in data["decode"]:
+        assert all(is_latency(r[k]) for k in ("p50_us", "p99_us", "rep_median_us_min", "rep_median_us_max")), r
+        assert r["p50_us"] <= r["p99_us"] and r["n_tokens"] == timed
+        assert r["tokens_per_s"] > 1e6 / MAX_US_PER_TOKEN and r["rss_bytes"] > 0
+
+    assert is_latency(data["no_memory"]["p50_us"]) and data["no_memory"]["n_tokens"] == timed
+    assert 0 < data["memory_overhead_ratio"] < 1e3 and 0 < data["memory_overhead_ratio_sequential"] < 1e3
+
+    assert {(r["variant"], r["prompt_tokens"]) for r in data["ttft"]} == {
+        (v, n) for v in ("lmn prefill", "lmn stepping", "gpt2 stepping") for n in (64, 512)}
+    assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] < 60_000 for r in data["ttft"])
+
+    [speed] = data["decode_speed"]
+    assert speed["preset"] == "export" and speed["weights"] == "shipped" and speed["config"] == cfg
+    assert {"general", "fast paths", "no memory", "no memory int8"} <= set(speed["variants"])
+    for name, v in speed["variants"].items():
+        assert is_latency(v["p50_us"]) and is_latency(v["mean_us"]) and v["n_tokens"] == 2 * 100, name
+    assert 0 < speed["ratio_p50_vs_no_memory"] < 1e3 and speed["python"]["bare_run_us"] > 0
+
+    # the tiny model's 43 characters do not cover the corpus (and CI may lack it): quality is skipped, and says so
+    assert data["quality"] == [] and "quality skipped" in data["text"]
+
+    summary = data["summary"]
+    assert summary["lmn_state_bytes_constant"] is True and summary["at_context"] == 4096
+    assert summary["lmn_contexts"] == [1024, 16384]
+    inplace_4096 = next(r for r in data["decode"] if r["layout"] == "kv-inplace" and r["n_ctx"] == 4096)
+    assert summary["state_ratio_vs_kv"] == pytest.approx(inplace_4096["state_bytes"] / lmn[0]["state_bytes"])
+    assert 0 < summary["speedup_vs_kv_inplace"] < 1e3 and 0 < summary["speedup_vs_kv_concat"] < 1e3
+    assert summary["export"]["ratio_p50_vs_no_memory"] > 0
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="--plot needs matplotlib (pip install 'lmn[bench]'), not installed here")
+def test_quick_cli_plots(quick_run):
+    result, out = quick_run
+    assert result.exit_code == 0, result.output
+    charts = out / "charts"
+    assert sorted(p.name for p in charts.iterdir()) == ["latency.png", "state.png"]  # and no temp file left
+    for png in charts.iterdir():
+        head = png.read_bytes()[:24]
+        assert head[:8] == PNG and head[12:16] == b"IHDR", png
+        assert struct.unpack(">II", head[16:24]) == (720, 480), png  # 6 x 4 inches at 120 dpi: a whole chart
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    r = CliRunner().invoke(main, [str(tmp_path / "no-export"), "--json", str(tmp_path / "out.json"),
+                                  "--plot", str(tmp_path / "charts")])
+    assert r.exit_code == 2 and "--plot" in r.output and "pip install 'lmn[bench]'" in r.output, r.output
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "charts").exists()
+
+
+@pytest.fixture
+def locked_dir(tmp_path):
+    """A folder this user cannot create files in: a read-only folder, or /sys where root ignores the
+    permission bits (sysfs refuses new files even to root); skipped when neither refuses."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        for candidate in (locked, Path("/sys")):
+            try:
+                (candidate / "probe").touch()
+                (candidate / "probe").unlink()
+            except OSError:
+                yield candidate
+                return
+        pytest.skip("no folder here refuses new files to this user (root, and no read-only /sys)")
+    finally:
+        locked.chmod(0o700)
+
+
+BAD_ARGUMENTS = {  # arguments -> the option the one-line error must name
+    "contexts-abc": (["--contexts", "abc"], "--contexts"),
+    "contexts-empty": (["--contexts", ""], "--contexts"),
+    "contexts-zero": (["--contexts", "0"], "--contexts"),
+    "contexts-negative": (["--contexts", "-1024"], "--contexts"),
+    "contexts-empty-entry": (["--contexts", "1024,,4096"], "--contexts"),
+    "lmn-contexts-abc": (["--lmn-contexts", "1M"], "--lmn-contexts"),
+    "lmn-contexts-zero": (["--lmn-contexts", "0"], "--lmn-contexts"),
+    "lmn-contexts-negative": (["--lmn-contexts", "-1"], "--lmn-contexts"),
+    "lmn-contexts-over-int64": (["--lmn-contexts", str(1 << 63)], "--lmn-contexts"),
+    "tokens-zero": (["--tokens", "0"], "--tokens"),
+    "reps-zero": (["--reps", "0"], "--reps"),
+    "threads-zero": (["--threads", "0"], "--threads"),
+    "threads-negative": (["--threads", "-1"], "--threads"),
+    "speed-presets-unknown": (["--speed-presets", "logmem-32,logmem-64"], "--speed-presets"),
+    "speed-presets-gpt": (["--speed-presets", "gpt2-32"], "--speed-presets"),  # the section times LMNs
+    "json-parent-missing": (["--json", "{tmp}/missing/out.json"], "--json"),
+    "json-is-a-folder": (["--json", "{tmp}"], "--json"),
+    "json-parent-is-a-file": (["--json", "{tmp}/file.txt/out.json"], "--json"),
+    "json-parent-not-writable": (["--json", "{locked}/out.json"], "--json"),
+    "json-not-a-regular-file": (["--json", os.devnull], "--json"),  # an atomic rename would replace the device
+    "plot-is-a-file": (["--plot", "{tmp}/file.txt"], "--plot"),
+    "plot-under-a-file": (["--plot", "{tmp}/file.txt/charts"], "--plot"),
+    "plot-not-creatable": (["--plot", "{locked}/charts"], "--plot"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bad_arguments_fail_up_front_in_one_line(case, tmp_path, request):
+    args, option = BAD_ARGUMENTS[case]
+    (tmp_path / "file.txt").write_text("not a folder")
+    locked = request.getfixturevalue("locked_dir") if any("{locked}" in a for a in args) else None
+    args = [a.format(tmp=tmp_path, locked=locked) for a in args]
+    out = tmp_path / "results.json"
+    if "--json" not in args:
+        args += ["--json", str(out)]
+    # a missing export folder: if validation ever let the arguments through, the run fails at once (exit 1)
+    r = CliRunner().invoke(main, [str(tmp_path / "no-export"), *args])
+    assert r.exit_code == 2, r.output  # click's usage error, raised before any work
+    assert f"Invalid value for '{option}'" in r.output, r.output
+    assert len([line for line in r.output.splitlines() if line.strip()]) <= 3  # usage, --help hint, the error
+    assert "Traceback" not in r.output
+    assert isinstance(r.exception, SystemExit) and "building" not in r.output
+    assert not out.exists() and not (tmp_path / "missing").exists() and not (tmp_path / "charts").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"] + (["locked"] if locked else [])
+    if locked:
+        assert not (locked / "out.json").exists() and not (locked / "charts").exists()
+
+
+def test_lmn_contexts_may_be_empty_and_contexts_are_sorted_once():
+    param = {p.name: p for p in main.params}
+    assert parse_contexts(None, param["lmn_contexts"], "") == ()  # documented: no LMN-only contexts
+    assert parse_contexts(None, param["contexts"], " 4096, 1024,1024 ") == (1024, 4096)
+    assert parse_presets(None, param["speed_presets"], "export, logmem-32,export") == ("export", "logmem-32")
+    assert parse_presets(None, param["speed_presets"], "") == ()  # documented: skip the section
+
+
+def test_a_missing_export_is_one_line(tmp_path):
+    r = CliRunner().invoke(main, [str(tmp_path / "no-export"), "--json", str(tmp_path / "out.json")])
+    assert r.exit_code == 1 and "no export folder" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_bad_argument_from_the_installed_command(tmp_path):
+    """The real process (console script, else `python -m`): one line on stderr, exit 2, nothing written."""
+    script = Path(sys.executable).with_name("lmn-bench")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lmn_export.bench"]
+    done = subprocess.run([*command, "--contexts", "abc", "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Invalid value for '--contexts'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == "" and not (tmp_path / "out.json").exists()
+
+
+def test_quick_keeps_the_options_given_on_the_command_line(monkeypatch):
+    seen = []
+
+    def stop(directory, s, log):  # the settings main builds, without the run
+        seen.append(s)
+        raise runtime.ManifestError("stopped by the test")
+
+    monkeypatch.setattr(bench, "run", stop)
+    r = CliRunner().invoke(main, ["--quick", "--contexts", "64,32", "--lmn-contexts", "", "--reps", "3"])
+    assert r.exit_code == 1 and "stopped by the test" in r.output, r.output
+    s = seen[0]
+    assert (s.contexts, s.lmn_only_contexts, s.reps) == ((32, 64), (), 3)  # given: kept
+    assert (s.tokens, s.warmup, s.prompts, s.speed.presets, s.speed.tokens) == (50, 10, (64, 512), ("export",), 100)
+    assert gpt_positions(s) == 513  # the 512-token prompt, not the 64-token context, sizes the GPT-2 baseline
+    CliRunner().invoke(main, ["--quick", "--speed-presets", "logmem-128,logmem-32", "--tokens", "7"])
+    assert seen[1].speed.presets == ("logmem-128", "logmem-32") and seen[1].tokens == 7 and seen[1].contexts == (1024, 4096)
+    CliRunner().invoke(main, [])
+    assert seen[2] == Settings(speed=SpeedSettings(presets=("logmem-32", "logmem-128")))  # no --quick: the defaults
+
+
+def test_non_finite_numbers_are_written_as_null_and_listed():
+    r = {"a": 1.5, "b": [float("nan"), 2], "c": {"d": np.float32("inf"), "e": np.int64(3), "f": np.bool_(True)},
+         "g": "x", "h": (np.float64(-np.inf),)}
+    text, replaced = results_json(r)
+    assert strict_json(text) == {"a": 1.5, "b": [None, 2], "c": {"d": None, "e": 3, "f": True}, "g": "x", "h": [None],
+                                 "non_finite": ["b[0]", "c.d", "h[0]"]}
+    assert replaced == ["b[0]", "c.d", "h[0]"] and finite_json({"ok": 1.0}) == ({"ok": 1.0}, [])
