@@ -35,8 +35,25 @@ def test_fast_paths_listed_and_used(full_export):
     assert set(used) == {"0", "1", "2", "3"}
     import runtime
 
-    for precision in ("fp32", "int8"):
-        assert set(runtime.load(full_export.directory, precision=precision).fast_paths) == {0, 1, 2, 3}
+    for precision, suffix in (("fp32", ".onnx"), ("int8", ".int8.onnx")):
+        model = runtime.load(full_export.directory, precision=precision)
+        assert set(model.fast_paths) == {0, 1, 2, 3}
+        stream = runtime.Stream(model)
+        stream.feed_ids([i % len(model.vocab) for i in range(80)])  # past 2^(6-1) = 32: fast paths run
+        assert all(f.endswith(suffix) for f in stream.stepper.calls), stream.stepper.calls
+        assert {f"step_levels_{k}{suffix}" for k in range(4)} <= set(stream.stepper.calls)
+
+
+def test_coreml_backend_refuses_to_run_off_macos(full_export):
+    """The export has a Core ML graph, so only the platform check stands between it and a crash."""
+    import sys
+
+    import runtime
+
+    if sys.platform == "darwin":
+        pytest.skip("Core ML runs here")
+    with pytest.raises(runtime.BackendError, match="runs only on macOS"):
+        runtime.load(full_export.directory, backend="coreml")
 
 
 def test_manifest_schema(full_export):

@@ -168,11 +168,26 @@ def test_load_errors_are_clear(export_dir, tmp_path):
         runtime.load(copy)
 
 
-def test_coreml_backend_off_macos_says_so(export_dir):
-    if sys.platform == "darwin":
-        pytest.skip("Core ML runs here")
-    with pytest.raises((BackendError, ManifestError), match="macOS|coreml"):
+def test_coreml_backend_needs_a_coreml_graph(export_dir):
+    """An ONNX-only export asked for Core ML says how to get a Core ML graph (the platform check
+    itself is tested on an export that has one: tests/lmn_export/test_export_folder.py)."""
+    with pytest.raises(ManifestError, match="no coreml step graph; re-export with lmn-export --to coreml"):
         runtime.load(export_dir, backend="coreml")
+
+
+def test_which_graph_ran_is_observable(export_dir):
+    """A long first prompt runs the prefill graph once; steps past the full memory run the fast paths."""
+    model = runtime.load(export_dir)
+    s = Stream(model)
+    s.feed(PROMPT)  # 85 characters: prefill_32 then 53 steps
+    assert s.graph_calls == {"prefill_32.onnx": 1, "model.onnx": len(PROMPT) - 32}
+    s.feed((PROMPT * 4)[:200])  # to pointer 285: past 2^(8-1) = 128, the fast paths take over
+    fast = {f: n for f, n in s.graph_calls.items() if f.startswith("step_levels_")}
+    assert set(fast) == {f"step_levels_{k}.onnx" for k in range(4)}
+    assert sum(fast.values()) >= (285 - 128) * 15 // 16 - 2  # 15 of 16 steps once the memory is full
+    short = Stream(model)
+    short.feed("To be")  # shorter than PREFILL_MIN_TOKENS: stepped
+    assert short.graph_calls == {"model.onnx": 5}
 
 
 def test_long_stream_keeps_memory_flat(export_dir):
