@@ -20,6 +20,12 @@ def train() -> None:
     _run("models.train:main", "lmn-train")
 
 
+def prepare() -> None:
+    # numpy would do, but the models package (its vocabularies) imports torch, and a prepared corpus
+    # is only of use to lmn-train, which needs torch anyway
+    _run("models.prepare:main", "lmn-prepare")
+
+
 def export() -> None:
     _run("lmn_export.cli:main", "lmn-export")
 

@@ -23,6 +23,7 @@ from runtime.atomic import write_atomic
 from runtime.model import open_session
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
+from models.data import vocab_fields
 from . import coreml_export, onnx_export
 from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
@@ -323,7 +324,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         "format_version": manifest_schema.FORMAT_VERSION,
         "created_by": "lmn_export 0.1.0",
         "model": cfg.to_dict(),
-        "vocab": "".join(vocab.chars),
+        **vocab_fields(vocab),  # vocab_kind, and the characters for "chars"
         "state_bytes_per_stream": state_bytes(step),
         "graphs": graphs,
         "files": files,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from models.data import CharVocab, DataError, load_text
+from models.data import DataError, Vocab, load_text
 
 # Hamlet, Act 3, Scene 1 (public domain): real text in the style of the reference corpus.
 SAMPLE = """HAMLET:
@@ -48,15 +48,16 @@ def sampled_ids(model, count: int, seed: int = 0) -> list[int]:
     return ids
 
 
-def parity_ids(model, vocab: CharVocab, count: int, source: str | None = None) -> tuple[list[int], str]:
+def parity_ids(model, vocab: Vocab, count: int, source: str | None = None) -> tuple[list[int], str]:
     """(token ids, where they came from): --text if given, else the Hamlet sample if the
-    vocabulary covers it, else text sampled from the model."""
+    vocabulary encodes it (a byte vocabulary encodes any text), else text sampled from the model."""
     if source is not None:
         text = load_text(source)
         try:
             return vocab.encode(text), f"file {Path(source).name}"
         except DataError as e:
             raise DataError(f"--text {source}: {e}") from None
-    if set(SAMPLE) <= set(vocab.chars):
+    try:
         return vocab.encode(SAMPLE), "Hamlet 3.1 sample (built in)"
-    return sampled_ids(model, count), "sampled from the model (vocabulary lacks the built-in sample's characters)"
+    except DataError:  # a character vocabulary without some of the sample's characters
+        return sampled_ids(model, count), "sampled from the model (vocabulary lacks the built-in sample's characters)"

@@ -1,6 +1,10 @@
 """Checkpoints: `model.safetensors` (and `optimizer.pt`, when training saved one) beside
 `config.json` (model config, vocabulary, training facts, and the sha256 of the other two files).
 
+The vocabulary is recorded as `vocab_kind` ("chars" or "bytes") and, for characters, `vocab` (the
+characters in id order); a config.json without `vocab_kind` (written before byte vocabularies) is
+a character vocabulary.
+
 A checkpoint is replaced as one unit. The new files are written, fsynced, into a private staging
 folder inside the checkpoint folder (`.checkpoint` + TEMP_MARK + random); renaming that folder to
 `.checkpoint-commit` is the commit point; its files are then moved over the old ones and the
@@ -36,7 +40,7 @@ from runtime.atomic import TEMP_MARK, fsync_directory, write_atomic
 
 from . import build_model
 from .config import ConfigError, config_from_dict
-from .data import CharVocab
+from .data import DataError, Vocab, vocab_fields, vocab_from_fields
 
 try:
     import fcntl
@@ -71,7 +75,7 @@ def _test_pause(phase: str) -> None:
         time.sleep(120)
 
 
-def save(directory: Path | str, model, vocab: CharVocab, training: dict[str, Any] | None = None,
+def save(directory: Path | str, model, vocab: Vocab, training: dict[str, Any] | None = None,
          optimizer: torch.optim.Optimizer | dict | None = None) -> None:
     """Replace the checkpoint in `directory` with `model` (and the optimizer or its state dict), as one unit."""
     directory = Path(directory)
@@ -87,15 +91,16 @@ def save(directory: Path | str, model, vocab: CharVocab, training: dict[str, Any
         ) from None
 
 
-def serialize(model, vocab: CharVocab, training: dict[str, Any] | None, optimizer) -> dict[str, bytes]:
+def serialize(model, vocab: Vocab, training: dict[str, Any] | None, optimizer) -> dict[str, bytes]:
     """The checkpoint's files as bytes: weights, optimizer state (when given), and the config recording their digests."""
     files = {WEIGHTS: save_safetensors(finite_weights(model), metadata={"format": "lmn-checkpoint"})}
     if optimizer is not None:
         state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+        state = on_cpu(state)  # loadable without the device it trained on
         buffer = io.BytesIO()
         torch.save(state, buffer)
         files[OPTIMIZER] = buffer.getvalue()
-    meta = {"model": model.config.to_dict(), "vocab": "".join(vocab.chars), "training": training or {},
+    meta = {"model": model.config.to_dict(), **vocab_fields(vocab), "training": training or {},
             DIGESTS: {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     try:
         files[CONFIG] = (json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
@@ -104,13 +109,34 @@ def serialize(model, vocab: CharVocab, training: dict[str, Any] | None, optimize
     return files
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every state_dict key
+
+
+def plain_key(name: str) -> str:
+    """A state_dict key without the segments torch.compile's wrapper adds (`_orig_mod.` at any depth)."""
+    return name.replace(COMPILED_PREFIX, "")
+
+
 def finite_weights(model) -> dict[str, torch.Tensor]:
-    """The model's tensors by name, contiguous; refuses NaN or infinite weights."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The model's tensors by name, on the cpu and contiguous, keyed as the plain (uncompiled) module
+    keys them, so a checkpoint written on any device by a compiled run loads anywhere; refuses NaN or
+    infinite weights."""
+    tensors = {plain_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"refusing to save non-finite weights ({name}); the previous checkpoint is kept")
     return tensors
+
+
+def on_cpu(value: Any) -> Any:
+    """`value` (nested dicts, lists, tuples of tensors) with every tensor moved to the cpu."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
 
 
 def commit(directory: Path, files: dict[str, bytes]) -> None:
@@ -209,7 +235,7 @@ def read_meta(directory: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG} is missing (train one with lmn-train)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["model"], meta["vocab"]
+        meta["model"]
         if not isinstance(meta.get(DIGESTS, {}), dict):
             raise TypeError(f"{DIGESTS} is not a mapping")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
@@ -247,9 +273,12 @@ def load(directory: Path | str | None = None):
         cfg = config_from_dict(meta["model"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG} has an unusable model config: {e}") from None
-    vocab = CharVocab(tuple(meta["vocab"]))
+    try:
+        vocab = vocab_from_fields(meta)
+    except DataError as e:
+        raise CheckpointError(f"{directory / CONFIG} has an unusable vocabulary: {e}; re-train or restore the checkpoint") from None
     if len(vocab) != cfg.vocab_size:
-        raise CheckpointError(f"{directory / CONFIG}: vocabulary has {len(vocab)} characters, config says {cfg.vocab_size}")
+        raise CheckpointError(f"{directory / CONFIG}: vocabulary has {len(vocab)} tokens, config says {cfg.vocab_size}")
     weights = directory / WEIGHTS
     try:
         tensors = load_safetensors(data)
@@ -276,7 +305,7 @@ def load_optimizer_state(directory: Path | str, meta: dict[str, Any]) -> dict[st
     if not matches_digest(meta, OPTIMIZER, data):
         raise CheckpointError(f"{path} is corrupt (its sha256 differs from {CONFIG}'s); {advice}")
     try:
-        return torch.load(io.BytesIO(data), weights_only=True)
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is unreadable ({first}); {advice}") from None

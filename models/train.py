@@ -1,7 +1,10 @@
 """`lmn-train`: train a preset on any UTF-8 text with the paper's recipe (AdamW, 90/10 split).
 
-Runs unchanged under `torchrun` (DDP over the gloo backend): each rank draws its own batches,
-rank 0 evaluates, logs and writes the checkpoint.
+Runs on cpu, cuda or mps (--device), in fp32 or under bf16/fp16 autocast with fp32 master weights
+(--precision), optionally torch.compile'd (--compile), with --grad-accum micro-batches per step.
+Runs unchanged under `torchrun` (DDP: nccl on cuda, each rank on cuda:LOCAL_RANK; gloo otherwise):
+each rank draws its own batches, rank 0 evaluates, logs and writes the checkpoint; --resume works
+across a change of world size (the optimizer state of DDP is the same on every rank).
 
 Nothing is lost to a kill: the checkpoint (weights, optimizer state, config) is replaced as one
 unit (see models.checkpoint), a log line is appended only after the checkpoint it describes has
@@ -34,7 +37,7 @@ from runtime.atomic import write_atomic
 from . import build_model, count_parameters
 from .checkpoint import CONFIG, OPTIMIZER, CheckpointError, load, load_optimizer_state, recover, save
 from .config import PRESETS, ConfigError, GPTConfig, preset
-from .data import CharVocab, Corpus, DataError, load_text
+from .data import VOCAB_KINDS, Corpus, DataError, TrainingData, open_training_data
 
 LOG = "train_log.jsonl"
 __all__ = ["LOG", "OPTIMIZER", "TrainSettings", "TrainingError", "evaluate", "evaluate_checkpoint", "main", "train"]
@@ -72,11 +75,32 @@ class Bound:
         return None
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """The values one setting accepts: one of a few names (kind str), or a flag (kind bool)."""
+
+    choices: tuple[Any, ...]
+    kind: type = str
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is refused, or None when it is accepted."""
+        if type(value) is not self.kind or value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))} (got {value!r})"
+        return None
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 # The one validator for training settings: TrainSettings (API) and the click options (CLI) both use it.
 BOUNDS = {
     "steps": Bound(int, 1), "batch": Bound(int, 1), "block": Bound(int, 1),
     "lr": Bound(float, 0, strict=True), "weight_decay": Bound(float, 0), "grad_clip": Bound(float, 0),
     "eval_interval": Bound(int, 1), "eval_batches": Bound(int, 1), "seed": Bound(int, 0, high=2**64 - 1),
+    "grad_accum": Bound(int, 1), "device": OneOf(DEVICES), "precision": OneOf(PRECISIONS),
+    "compile": OneOf((False, True), kind=bool),
 }
 THREADS = Bound(int, 1)
 
@@ -94,6 +118,10 @@ class TrainSettings:
     eval_interval: int = 100
     eval_batches: int = 200
     seed: int = 1337
+    grad_accum: int = 1  # micro-batches per optimizer step
+    device: str = "auto"  # auto: cuda if available, else mps, else cpu
+    precision: str = "fp32"  # bf16/fp16: autocast over fp32 master weights
+    compile: bool = False  # torch.compile the training forward
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
@@ -103,11 +131,14 @@ class TrainSettings:
 
 
 class Bounded(click.ParamType):
-    """A click option type: parses a number and refuses what its Bound refuses."""
+    """A click option type: parses a value and refuses what its Bound (or OneOf) refuses."""
 
-    def __init__(self, bound: Bound) -> None:
+    def __init__(self, bound: Bound | OneOf) -> None:
         self.bound = bound
-        self.name = "integer" if bound.kind is int else "number"
+        self.name = "choice" if isinstance(bound, OneOf) else "integer" if bound.kind is int else "number"
+
+    def get_metavar(self, param, ctx=None):
+        return f"[{'|'.join(self.bound.choices)}]" if isinstance(self.bound, OneOf) else None
 
     def convert(self, value, param, ctx):
         parsed = value
@@ -134,20 +165,111 @@ class OneLineErrors(click.Command):
 
 @dataclass
 class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # the rank on this node: picks cuda:LOCAL_RANK
+    backend: str | None = None
+
+    @staticmethod
+    def env_world_size() -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @staticmethod
+    def env_local_rank() -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
 
     @classmethod
-    def from_env(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+    def from_env(cls, device: torch.device | None = None) -> "Distributed":
+        """Join the torchrun job, if any, over the backend that fits `device` (cpu when None)."""
+        world = cls.env_world_size()
         if world <= 1:
             return cls()
-        torch.distributed.init_process_group("gloo")
-        return cls(torch.distributed.get_rank(), world)
+        device = device or torch.device("cpu")
+        if device.type == "mps":
+            raise ConfigError("--device mps runs one process; run without torchrun, or use --device cpu")
+        backend = backend_for(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend)
+        return cls(torch.distributed.get_rank(), world, cls.env_local_rank(), backend)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for training on `device`: NCCL for CUDA tensors, gloo for CPU ones."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device --device names (auto: cuda, else mps, else cpu); a ConfigError when it is not here."""
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        requested = "cuda" if cuda else "mps" if mps_available() else "cpu"
+    if requested == "cuda":
+        if not cuda:
+            raise ConfigError("--device cuda: no CUDA device is available on this machine "
+                              "(torch.cuda.is_available() is False); use --device cpu or --device auto")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(f"--device cuda: LOCAL_RANK {local_rank} but this node has {count} CUDA device(s); "
+                              f"start at most {count} processes per node")
+        return torch.device("cuda", local_rank)
+    if requested == "mps":
+        if not mps_available():
+            raise ConfigError("--device mps: no MPS device is available on this machine; use --device cpu or --device auto")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a --precision that `device` cannot train in."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs a GPU (its loss scaling is for cuda/mps); "
+                          "on cpu use --precision bf16 or --precision fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32")
+
+
+def placement(settings: TrainSettings, local_rank: int = 0) -> torch.device:
+    """The device these settings train on, checked against their precision."""
+    device = resolve_device(settings.device, local_rank)
+    check_precision(settings.precision, device)
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the forward pass runs in: nothing for fp32, autocast to bf16/fp16 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (its 5-bit exponent underflows small gradients); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def is_compile_error(error: BaseException) -> bool:
+    """Whether `error` came from torch.compile (dynamo tracing or the backend compiler)."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def compile_failed(error: BaseException) -> TrainingError:
+    """A one-line TrainingError naming what torch.compile's backend (or dynamo) raised."""
+    cause = getattr(error, "inner_exception", None) or error  # BackendCompilerFailed wraps the backend's error
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return TrainingError(f"--compile failed ({type(cause).__name__}: {first}); run without --compile")
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -158,7 +280,9 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 @torch.no_grad()
 def evaluate(model, corpus: Corpus, settings: TrainSettings, batches: int | None = None) -> dict[str, float]:
-    """Mean cross-entropy (nats/char) over `batches` random windows of each split (fixed seed)."""
+    """Mean cross-entropy (nats/char) over `batches` random windows of each split (fixed seed), on the
+    model's device and under the autocast of settings.precision, as training ran."""
+    device = next(model.parameters()).device
     model.eval()
     generator = torch.Generator().manual_seed(settings.seed + 1)
     losses = {}
@@ -167,7 +291,9 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings, batches: int | None
         n = batches or settings.eval_batches
         for _ in range(n):
             x, y = Corpus.batch(split, settings.batch, settings.block, generator)  # (B, T), (B, T)
-            total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+            x, y = x.to(device), y.to(device)
+            with autocast(device, settings.precision):
+                total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).float().item()
         losses[name] = total / n
     model.train()
     return losses
@@ -226,9 +352,15 @@ def append_log(path: Path, record: dict[str, Any]) -> None:
 
 
 def check_finite(step: int, values: torch.Tensor, dist: Distributed, settings: TrainSettings, saved: int) -> None:
-    """Stop the run, on every rank, when the loss or gradient norm of `step` is NaN or infinite."""
-    values = values.detach().clone()  # (2,): loss, gradient norm
+    """Stop the run, on every rank, when the loss or gradient norm of `step` is NaN or infinite.
+
+    Under fp16 loss scaling `values` is the loss alone: an infinite gradient norm there is the
+    GradScaler's overflow, whose step it skips (lowering the scale), not a diverged run.
+    """
+    values = values.detach().clone()  # (2,): loss, gradient norm; or (1,): loss
     if dist.world_size > 1:
+        if dist.backend == "gloo":
+            values = values.cpu()
         torch.distributed.all_reduce(values)  # a NaN or inf on any rank survives the sum
     if not torch.isfinite(values).all():
         raise TrainingError(diverged(step, settings, saved))
@@ -240,7 +372,7 @@ def diverged(step: int, settings: TrainSettings, saved: int) -> str:
 
 
 def train(
-    text: str,
+    data: TrainingData,
     out: Path,
     preset_name: str,
     settings: TrainSettings,
@@ -248,8 +380,9 @@ def train(
     progress: bool = True,
     dist: Distributed | None = None,
 ) -> dict[str, float]:
-    """Train (or resume) a model on `text`, writing a checkpoint to `out`. Returns final losses."""
+    """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses."""
     dist = dist or Distributed()
+    device = placement(settings, dist.local_rank)
     out = Path(out)
     meta: dict[str, Any] = {"training": {}}
     if resume:
@@ -257,70 +390,125 @@ def train(
         model.train()
         preset_name = meta["training"].get("preset", preset_name)
     else:
-        vocab = CharVocab.from_text(text)
+        vocab = data.vocab
         cfg = preset(preset_name, vocab_size=len(vocab))
         torch.manual_seed(settings.seed)
         model = build_model(cfg)
     done = int(meta["training"].get("step", 0))
     if isinstance(model.config, GPTConfig) and settings.block > model.config.block_size:
         raise ConfigError(f"--block {settings.block} exceeds the GPT position table ({model.config.block_size} rows)")
-    corpus = Corpus.from_text(text, vocab)
+    corpus = data.corpus(vocab)  # a resumed checkpoint's vocabulary must match the data's
     corpus.check_block(settings.block)
 
+    model.to(device)  # fp32 master weights on every device; autocast lowers only the matmuls
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if resume:
-        restore_optimizer(optimizer, out, meta, settings)
-    trained = model
+        restore_optimizer(optimizer, out, meta, settings)  # its state lands on the parameters' device
+    trained, ddp = model, None
     if dist.world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model)
+        trained = ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        trained = torch.compile(trained)  # lazy: compiles (or fails) on the first step; `model` stays plain
+    scaler = grad_scaler(device, settings.precision)
+    saved_scale = meta["training"].get("grad_scaler")
+    if scaler is not None and saved_scale and isinstance(saved_scale, dict):
+        with contextlib.suppress(RuntimeError, KeyError, TypeError, ValueError):  # unusable: recalibrate from 2^16
+            scaler.load_state_dict(saved_scale)
     if dist.main:
         trim_log(out / LOG, done, meta["training"].get("last_log"))
+    # What config.json and each log line record about how the run trains.
+    runtime = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
+               "compile": settings.compile, "world_size": dist.world_size}
+    tokens_per_step = settings.batch * settings.block * settings.grad_accum * dist.world_size
+    last_log = meta["training"].get("last_log") or {}
+    tokens = int(last_log.get("tokens", done * tokens_per_step))  # trained on so far, across world sizes
 
     def checkpoint(step: int, losses: dict[str, float], record: dict[str, Any]) -> None:
         facts = {
             "preset": preset_name, "step": step, "parameters": count_parameters(model),
             **{f"{k}_loss": round(v, 4) for k, v in losses.items()},
-            "settings": dataclasses.asdict(settings), "world_size": dist.world_size, "last_log": record,
+            "settings": dataclasses.asdict(settings), **runtime, "tokens": tokens, "last_log": record,
         }
-        save(out, model, vocab, facts, optimizer)
+        if scaler is not None:
+            facts["grad_scaler"] = scaler.state_dict()
+        save(out, model, vocab, facts, optimizer)  # the plain module: cpu fp32 tensors, no _orig_mod. keys
 
     losses = {"train": math.nan, "val": math.nan}
     start = time.time()
     steps = range(done, settings.steps)
     show = progress and dist.main
+    run_tokens, run_s = 0, 0.0  # trained by this run (evaluation excluded): the progress bar's tokens/s
+    window_tokens, window_s = 0, 0.0  # the same since the last log line: its tokens_per_s
 
     def status(step):
-        return f"train {losses['train']:.4f} val {losses['val']:.4f}" if step is not None else ""
+        if step is None:
+            return ""
+        rate = f" {run_tokens / run_s:,.0f} tok/s" if run_s > 0 else ""
+        return f"train {losses['train']:.4f} val {losses['val']:.4f}{rate}"
 
     with open(os.devnull, "w") as devnull, click.progressbar(
         steps, label=f"training {preset_name}", item_show_func=status, file=sys.stderr if show else devnull
     ) as bar:
         for step in bar:
-            x, y = Corpus.batch(corpus.train, settings.batch, settings.block, step_generator(settings.seed, dist.rank, step))
-            loss = F.cross_entropy(trained(x).flatten(0, 1), y.flatten())  # x, y: (B, T)
+            tick = time.perf_counter()
+            # Micro-batch k of a step is the k-th draw from the step's generator, so --grad-accum 1 draws
+            # what it always did, and two micro-batches of B windows are the windows of one of 2B.
+            generator = step_generator(settings.seed, dist.rank, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(settings.grad_accum):
+                x, y = Corpus.batch(corpus.train, settings.batch, settings.block, generator)
+                x, y = x.to(device), y.to(device)  # (B, T), (B, T)
+                syncs = ddp is None or micro + 1 == settings.grad_accum  # DDP all-reduces on the last only
+                try:
+                    with contextlib.nullcontext() if syncs else ddp.no_sync():
+                        with autocast(device, settings.precision):
+                            loss = F.cross_entropy(trained(x).flatten(0, 1), y.flatten())
+                        scaled = loss / settings.grad_accum if settings.grad_accum > 1 else loss
+                        (scaled if scaler is None else scaler.scale(scaled)).backward()
+                except Exception as e:
+                    if settings.compile and is_compile_error(e):
+                        raise compile_failed(e) from None
+                    raise
+                batch_loss = loss.detach().float() if micro == 0 else batch_loss + loss.detach().float()
+            if settings.grad_accum > 1:
+                batch_loss = batch_loss / settings.grad_accum  # the mean over the step's windows
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients; notes an overflow for scaler.step
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
-            check_finite(step + 1, torch.stack([loss.detach(), norm]), dist, settings, done)
-            optimizer.step()
+            watched = batch_loss.reshape(1) if scaler is not None else torch.stack([batch_loss, norm])
+            check_finite(step + 1, watched, dist, settings, done)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when unscale_ found an inf/NaN gradient
+                scaler.update()
+            seconds = time.perf_counter() - tick
+            tokens += tokens_per_step
+            run_tokens, run_s = run_tokens + tokens_per_step, run_s + seconds
+            window_tokens, window_s = window_tokens + tokens_per_step, window_s + seconds
             last = step + 1 == settings.steps
             if dist.main and ((step + 1) % settings.eval_interval == 0 or last):
                 losses = evaluate(model, corpus, settings)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise TrainingError(diverged(step + 1, settings, done))
                 record = {"step": step + 1, "train_loss": losses["train"], "val_loss": losses["val"],
-                          "batch_loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
+                          "batch_loss": batch_loss.item(), "elapsed_s": round(time.time() - start, 1),
+                          "tokens": tokens, "tokens_per_s": round(window_tokens / window_s, 1) if window_s else 0.0,
+                          **runtime}
                 checkpoint(step + 1, losses, record)
                 append_log(out / LOG, record)  # only once its checkpoint has committed
                 done = step + 1
+                window_tokens, window_s = 0, 0.0
     return losses
 
 
-def evaluate_checkpoint(text: str, out: Path, settings: TrainSettings) -> dict[str, float]:
-    """Evaluate a saved checkpoint on `text` (same split and block) and record the result beside it."""
+def evaluate_checkpoint(data: TrainingData, out: Path, settings: TrainSettings) -> dict[str, float]:
+    """Evaluate a saved checkpoint on `data` (same split and block) and record the result beside it."""
     model, vocab, meta = load(out)
+    model.to(placement(settings, Distributed.env_local_rank()))
     optimizer_state = load_optimizer_state(out, meta)
-    corpus = Corpus.from_text(text, vocab)
+    corpus = data.corpus(vocab)
     corpus.check_block(settings.block)
     losses = evaluate(model, corpus, settings)
     if not all(math.isfinite(v) for v in losses.values()):
@@ -370,7 +558,9 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 @click.command(cls=OneLineErrors)
-@click.option("--data", "source", required=True, help="UTF-8 text file or http(s) URL.")
+@click.option("--data", "source", required=True, help="UTF-8 text file, http(s) URL, or a folder from lmn-prepare.")
+@click.option("--vocab", "vocab_kind", type=click.Choice(VOCAB_KINDS), default=None,
+              help="chars (a text's default) or bytes; default for a prepared folder or --resume: theirs.")
 @click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default="logmem-32", show_default=True)
 @click.option("--steps", type=Bounded(BOUNDS["steps"]), default=5000, show_default=True, help="Total optimizer steps.")
 @click.option("--batch", type=Bounded(BOUNDS["batch"]), default=16, show_default=True)
@@ -381,27 +571,36 @@ def stop_on_sigterm() -> Iterator[None]:
 @click.option("--eval-batches", type=Bounded(BOUNDS["eval_batches"]), default=200, show_default=True,
               help="Batches per split at each eval.")
 @click.option("--threads", type=Bounded(THREADS), default=None, help="CPU threads per process (default: all cores).")
+@click.option("--device", type=Bounded(BOUNDS["device"]), default="auto", show_default=True,
+              help="auto: cuda if available, else mps, else cpu. Under torchrun each rank uses cuda:LOCAL_RANK.")
+@click.option("--precision", type=Bounded(BOUNDS["precision"]), default="fp32", show_default=True,
+              help="bf16/fp16: autocast over fp32 master weights (fp16 adds loss scaling; GPU only).")
+@click.option("--compile", "compiled", is_flag=True, help="torch.compile the model for training (slow first step).")
+@click.option("--grad-accum", type=Bounded(BOUNDS["grad_accum"]), default=1, show_default=True,
+              help="Micro-batches of --batch per optimizer step (loss scaled by 1/N).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
 @click.option("--evaluate", "evaluate_only", is_flag=True,
               help="Only evaluate the checkpoint in --out over --eval-batches batches per split and record it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
-def main(source, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
-         evaluate_only, as_json):
+def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
+         evaluate_only, as_json, device, precision, compiled, grad_accum):
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
-    dist = Distributed.from_env()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // dist.world_size))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // Distributed.env_world_size()))
+    dist = Distributed()
     try:
         settings = TrainSettings(steps=steps, batch=batch, block=block, lr=lr, seed=seed,
-                                 eval_interval=eval_interval, eval_batches=eval_batches)
+                                 eval_interval=eval_interval, eval_batches=eval_batches, grad_accum=grad_accum,
+                                 device=device, precision=precision, compile=compiled)
+        dist = Distributed.from_env(placement(settings, Distributed.env_local_rank()))
         check_out(out, resume, evaluate_only)
-        text = load_text(source)
+        data = open_training_data(source, vocab_kind)
         prepare_out(out)
         with stop_on_sigterm():
             if evaluate_only:
-                losses = evaluate_checkpoint(text, out, settings)
+                losses = evaluate_checkpoint(data, out, settings)
             else:
-                losses = train(text, out, preset_name, settings, resume=resume, dist=dist)
+                losses = train(data, out, preset_name, settings, resume=resume, dist=dist)
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         raise click.ClickException(str(e)) from None
     except Stopped:

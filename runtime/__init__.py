@@ -13,9 +13,9 @@ from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ManifestError, read_ma
 from .model import DEFAULT_EXPORT, ExportedModel, load
 from .state_file import StateFileError
 from .stream import ContextFullError, Stream
-from .vocab import UnknownCharacterError, Vocab
+from .vocab import ByteVocab, UnknownCharacterError, Vocab
 
 __all__ = [
-    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ContextFullError", "ExportedModel", "Manifest", "ManifestError",
+    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ByteVocab", "ContextFullError", "ExportedModel", "Manifest", "ManifestError",
     "StateFileError", "Stream", "UnknownCharacterError", "Vocab", "load", "read_manifest",
 ]

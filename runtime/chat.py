@@ -83,8 +83,9 @@ class Chat:
             self.say(f"[error: {e}]")
             return
         except KeyboardInterrupt:
-            fed = self.stream.tokens_seen - before
-            self.say(f"\n[stopped while reading your text: {fed} of {len(text)} characters were fed]")
+            fed = self.stream.tokens_seen - before  # tokens: characters, or bytes for a byte vocabulary
+            self.say(f"\n[stopped while reading your text: {fed} of {len(self.stream.model.vocab.encode(text))} "
+                     "tokens were fed]")
             return
         seed = None if self.seed is None else self.seed + self.turn
         self.turn += 1
@@ -125,7 +126,7 @@ class Chat:
 @click.option("--prompt", default=None, help="Continue this text and exit (non-interactive).")
 @click.option("--max-tokens", type=click.IntRange(min=0), default=300, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest characters (k >= 1).")
+@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest tokens (k >= 1).")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this mass, in (0, 1].")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, default=["\n\n"], show_default=True,

@@ -2,7 +2,9 @@
 
 Schema (format_version 1):
   format: "lmn-export", format_version: 1
-  model: the model config (arch, vocab_size, n_embd, ...), vocab: the characters, in id order
+  model: the model config (arch, vocab_size, n_embd, ...)
+  vocab_kind: "chars" (absent in manifests written before byte vocabularies) or "bytes"
+  vocab: the characters, in id order (a "chars" vocabulary only; "bytes" has 256 ids, the UTF-8 bytes)
   graphs: [{name, target ("onnx" | "coreml"), file, precision, inputs, outputs, state, ...}]
           inputs/outputs: [{name, shape (ints or "batch"), dtype}]
           state: [{input, output, layout}]: outputs a caller feeds back as the next inputs
@@ -70,8 +72,13 @@ class Manifest:
         return self.data["model"]
 
     @property
-    def vocab(self) -> str:
-        return self.data["vocab"]
+    def vocab_kind(self) -> str:
+        return self.data.get("vocab_kind", "chars")
+
+    @property
+    def vocab(self) -> str | None:
+        """The characters of a "chars" vocabulary; None for "bytes"."""
+        return self.data.get("vocab")
 
     def graph(self, name: str, target: str = "onnx") -> dict[str, Any] | None:
         for entry in self.data["graphs"]:
@@ -102,11 +109,10 @@ def _fail(path: Path, what: str) -> None:
 
 def check_fields(path: Path, data: dict[str, Any]) -> None:
     """The fields the runtime reads have the types it reads them as."""
-    for key, kind in (("model", dict), ("vocab", str), ("graphs", list), ("files", dict)):
+    for key, kind in (("model", dict), ("graphs", list), ("files", dict)):
         if not isinstance(data.get(key), kind):
             _fail(path, f"{key!r} is missing or not a {kind.__name__}")
-    if len(data["vocab"]) != data["model"].get("vocab_size"):
-        _fail(path, f"vocabulary has {len(data['vocab'])} characters, model says {data['model'].get('vocab_size')}")
+    check_vocab(path, data)
     for entry in data["graphs"]:
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "target", "file")) \
                 or not all(isinstance(entry.get(k), list) for k in ("inputs", "outputs")):
@@ -116,6 +122,23 @@ def check_fields(path: Path, data: dict[str, Any]) -> None:
     for name, facts in data["files"].items():
         if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
             _fail(path, f"file entry {name!r} lacks a sha256")
+
+
+def check_vocab(path: Path, data: dict[str, Any]) -> None:
+    """`vocab_kind` is "chars" (with `vocab`, one character per id) or "bytes" (256 ids, no `vocab`)."""
+    kind, size = data.get("vocab_kind", "chars"), data["model"].get("vocab_size")
+    if kind == "bytes":
+        if "vocab" in data:
+            _fail(path, "a byte vocabulary lists no characters, but 'vocab' is present")
+        if size != 256:
+            _fail(path, f"a byte vocabulary has 256 ids, model says {size}")
+    elif kind == "chars":
+        if not isinstance(data.get("vocab"), str):
+            _fail(path, "'vocab' is missing or not a str")
+        if len(data["vocab"]) != size:
+            _fail(path, f"vocabulary has {len(data['vocab'])} characters, model says {size}")
+    else:
+        _fail(path, f"vocab_kind {kind!r} is not 'chars' or 'bytes' (a newer lmn wrote it?)")
 
 
 def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import BackendError, CoreMLStepper, OnnxStepper, load_coreml_model
 from .manifest import MANIFEST, Manifest, ManifestError, read_manifest
-from .vocab import Vocab
+from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
 PRECISIONS = ("fp32", "int8")
@@ -65,7 +65,7 @@ class ExportedModel:
         self.directory = manifest.directory
         self.backend = backend
         self.threads = threads
-        self.vocab = Vocab(manifest.vocab, unknown=unknown)
+        self.vocab = make_vocab(manifest.vocab_kind, manifest.vocab, unknown=unknown)
         self.config = manifest.model
         self.precision = precision
         self._lock = threading.Lock()

@@ -2,7 +2,9 @@
 
 File layout: MAGIC (8 bytes) | header length (u32 LE) | header (JSON) | arrays (raw, in header
 order) | sha256 of everything before it (32 bytes). The header names the model (its source
-checkpoint's sha256) and each array's name, dtype and shape.
+checkpoint's sha256), each array's name, dtype and shape, and `pending_bytes`: the hex of the
+bytes of a character a byte-vocabulary stream has generated only in part (absent in older files:
+none), so a state saved mid-character resumes it exactly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""One conversation's stream: feed text, generate characters, save and restore its state."""
+"""One conversation's stream: feed text, generate characters, save and restore its state.
+
+With a byte vocabulary a token is one UTF-8 byte: text is fed byte by byte, and `generate` yields
+only whole characters (a character's leading bytes wait in the stream's decoder until it is
+complete, across `generate` calls and in saved states; a broken sequence yields U+FFFD).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class Stream:
         self.logits: np.ndarray | None = None  # after the last token fed or generated
         self.decode_seconds = 0.0
         self.decoded_tokens = 0
+        self.decoder = model.vocab.decoder()  # holds the start of a character split across tokens (bytes)
 
     @property
     def state_bytes(self) -> int:
@@ -84,10 +90,12 @@ class Stream:
             self.prefill_calls[graph] += 1
             self.logits = np.array(logits)
             self.tokens_seen = used
+            self.decoder.skip(ids[:used])
             ids = ids[used:]
         for i in ids:
             self.logits = self.stepper.step(i)
             self.tokens_seen += 1
+            self.decoder.skip((i,))
 
     def feed(self, text: str) -> None:
         """Feed text (prefill graph for a long first prompt, single steps otherwise)."""
@@ -95,11 +103,14 @@ class Stream:
 
     def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] | str = ()) -> Iterator[str]:
-        """Yield up to `max_tokens` characters as they are produced; each is fed back.
+        """Generate up to `max_tokens` tokens, each fed back, yielding characters as they complete.
 
-        Stops early after a `stop` string (which is yielded; a plain string is one stop string).
-        Temperature 0 is greedy. Arguments are checked here, before anything is fed; each token
-        costs the same time and memory however long the call runs.
+        With a character vocabulary each token is one character. With the byte vocabulary a token
+        is a byte: a character is yielded once all its bytes are out (a character cut off by
+        `max_tokens` waits for the next call), and a broken sequence yields U+FFFD, never raises.
+        Stops early after a `stop` string, matched on the yielded text (it is yielded; a plain string
+        is one stop string). Temperature 0 is greedy. Arguments are checked here, before anything is
+        fed; each token costs the same time and memory however long the call runs.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
@@ -110,8 +121,7 @@ class Stream:
         if max_tokens == 0:
             return
         if self.logits is None:
-            start = "\n" if "\n" in self.model.vocab.index else self.model.vocab.chars[0]
-            self.feed(start)
+            self.feed(self.model.vocab.start_text)
         rng = np.random.default_rng(seed)
         keep = max((len(s) for s in stop), default=0)
         tail = ""  # the last `keep` characters: all a stop string can end in
@@ -123,12 +133,14 @@ class Stream:
             self.decode_seconds += time.perf_counter() - began
             self.decoded_tokens += 1
             self.tokens_seen += 1
-            char = self.model.vocab.chars[token]
-            yield char
-            if keep:
-                tail = (tail + char)[-keep:]
-                if any(tail.endswith(s) for s in stop):
-                    return
+            stopped = False
+            for char in self.decoder.decode(token):  # "" mid-character, 2 after a broken one; <= 3 bytes wait
+                yield char
+                if keep:
+                    tail = (tail + char)[-keep:]
+                    stopped = stopped or any(tail.endswith(s) for s in stop)
+            if stopped:  # after the whole token: its characters are all in the model's state
+                return
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,7 +154,8 @@ class Stream:
         arrays = {k: np.array(v) for k, v in self.stepper.state.items()}
         if self.logits is not None:
             arrays["logits"] = np.array(self.logits, dtype=np.float32)
-        return save_state(path, arrays, {**self._identity(), "tokens_seen": self.tokens_seen})
+        return save_state(path, arrays, {**self._identity(), "tokens_seen": self.tokens_seen,
+                                         "pending_bytes": self.decoder.pending.hex()})
 
     def load(self, path: Path | str) -> None:
         """Replace this stream's state with a saved one; on any error nothing changes."""
@@ -168,7 +181,15 @@ class Stream:
         if (logits is None) != (tokens_seen == 0):
             raise StateFileError(f"{path} is inconsistent (tokens_seen {tokens_seen} with"
                                  f"{'out' if logits is None else ''} logits); nothing was loaded")
+        pending = header.get("pending_bytes", "")  # absent in files saved before byte vocabularies
+        try:
+            if not isinstance(pending, str) or len(bytes.fromhex(pending)) > tokens_seen:
+                raise ValueError(f"{pending!r} is not the hex of at most tokens_seen bytes")
+            decoder = self.model.vocab.decoder(bytes.fromhex(pending))
+        except ValueError as e:
+            raise StateFileError(f"{path} has unusable pending_bytes ({e}); nothing was loaded") from None
         logits = arrays.pop("logits", None)
         self.stepper.set_state(arrays)
         self.logits = logits
         self.tokens_seen = tokens_seen
+        self.decoder = decoder

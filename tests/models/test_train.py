@@ -5,10 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -118,20 +114,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, text_file):
         load(tmp_path / "nowhere")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")
-def test_torchrun_two_processes(tmp_path, text_file):
-    """The same command under torchrun (gloo DDP): rank 0 writes one checkpoint and one log."""
-    out = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "models.train",
-           "--data", str(text_file), "--steps", "4", "--out", str(out), *QUICK]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    _, _, meta = load(out)
-    assert meta["training"]["world_size"] == 2 and meta["training"]["step"] == 4
-    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+# torchrun (2-process gloo DDP, then --resume across world sizes): tests/models/test_train_devices.py
 
 
 def test_resume_reproduces_an_unbroken_run_bit_for_bit(tmp_path, text_file):
