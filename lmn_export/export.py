@@ -19,7 +19,7 @@ import torch
 
 import runtime.manifest as manifest_schema
 from runtime.backends import fast_path_levels
-from runtime.atomic import write_atomic
+from runtime.atomic import remove_stale_folders, staged_folder, write_atomic
 from runtime.model import open_session
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
@@ -27,7 +27,7 @@ from models.data import vocab_fields
 from . import coreml_export, onnx_export
 from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
-from .output_folder import DestinationError, check_destination, publish, remove_stale, staging_folder
+from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
 from .validate import (FP16_ATOL, FP32_ATOL, START_POINTERS, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
@@ -113,6 +113,14 @@ def state_bytes(spec_dict: dict) -> int:
     return total
 
 
+class _ParityFailed(Exception):
+    """Raised inside the staging folder so that a failed export is never published."""
+
+    def __init__(self, result: "ExportResult"):
+        super().__init__("parity failed")
+        self.result = result
+
+
 def check_options(options: ExportOptions) -> None:
     """Every option in range before any work: a one-line ExportError that says what is allowed."""
     unknown = set(options.targets) - set(TARGETS)
@@ -167,13 +175,14 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
     torch.manual_seed(0)
     try:
         if out.parent.is_dir():
-            for stale in remove_stale(out):
+            for stale in remove_stale_folders(out):
                 progress(f"removed {stale.name}, left by an export that was killed")
-        with staging_folder(out) as work:
+        with staged_folder(out) as work:
             result = _export_into(work, model, vocab, checkpoint, options, progress)
             if not result.passed:
-                return ExportResult(out, result.manifest, result.reports)
-            publish(work, out)
+                raise _ParityFailed(result)  # leaves the staging folder unpublished, and removes it
+    except _ParityFailed as failed:
+        return ExportResult(out, failed.result.manifest, failed.result.reports)
     except OSError as e:
         where = e.filename or out
         raise ExportError(f"cannot write the export at {where}: {e.strerror or e}; nothing was changed at {out} "

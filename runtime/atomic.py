@@ -100,9 +100,10 @@ def _owner_alive(folder: Path) -> bool:
     return True
 
 
-def remove_stale_folders(path: Path) -> None:
+def remove_stale_folders(path: Path) -> list[Path]:
     """Clean up after a killed `staged_folder` for `path`: delete its staging folders, and put back a
-    folder it had set aside (when nothing took its place)."""
+    folder it had set aside (when nothing took its place). Returns the folders deleted."""
+    removed = []
     for folder in sorted(path.parent.glob(f".{path.name}{TEMP_MARK}*")):
         set_aside = folder.name.endswith(OLD_SUFFIX)
         if not folder.is_dir() or _owner_alive(folder) or not (set_aside or (folder / STAGING_MARK).is_file()):
@@ -111,6 +112,8 @@ def remove_stale_folders(path: Path) -> None:
             os.replace(folder, path)
         else:
             shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _fsync_tree(folder: Path) -> None:

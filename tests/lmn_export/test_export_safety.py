@@ -20,7 +20,7 @@ from lmn_export import onnx_export
 from lmn_export.cli import main
 from lmn_export.export import ExportOptions, OnnxPredictor, export
 from lmn_export.onnx_export import ExportError
-from lmn_export.output_folder import STAGING_MARK, remove_stale
+from runtime.atomic import STAGING_MARK, remove_stale_folders as remove_stale
 from lmn_export.validate import prefill_parity, stream_parity, stream_tokens
 from models.checkpoint import save
 from runtime.atomic import TEMP_MARK
