@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from models import PRESETS, LMN, LMNConfig
+from models import PRESETS, LMN, LMNConfig, StepState
 
 # fp32 rounding: both modes run the same ops on the same operands, but batched matmuls may
 # reduce in a different order; observed differences are ~1e-6 after four layers.
@@ -141,20 +141,105 @@ def test_step_attention_folded_and_factored(fold, monkeypatch):
     assert_modes_agree(make(dataclasses.replace(TINY, n_head=4)), 70)
 
 
+def summary_levels(pointer: int, max_levels: int) -> int:
+    """The test's own integer arithmetic: a step at `pointer` re-summarizes levels 1..k, k = the
+    trailing zero bits of pointer + 1, capped at max_levels - 1."""
+    n = pointer + 1
+    return min((n & -n).bit_length() - 1, max_levels - 1)
+
+
+def assert_crosses(start: int, steps: int, boundary: int) -> None:
+    """A stream of `steps` tokens from `start` steps at boundary - 1 (t+1 = boundary: every level
+    re-summarizes), at boundary and at boundary + 1 (which float32 cannot tell apart)."""
+    assert start <= boundary - 1 and boundary + 1 <= start + steps - 1, (start, steps, boundary)
+
+
+# Rows at different pointers in one batch. Row 0 fills its memory from empty (level i completes at
+# pointer 2^i - 1: slots unmask one level at a time, levels 1..5 re-summarize); row 1 re-summarizes
+# every level at pointer 2^24 - 1 (step 4; all 9 summary levels of a max_levels 10 preset) and goes
+# on past 2^24, where float32 stops counting; row 2 re-summarizes every level at 2^31 - 1 (step 44)
+# and crosses the int32 limit. At step 4 the rows re-summarize 0, every, and 3 levels.
+MIXED_STARTS = (0, 2**24 - 5, 2**31 - 45)
+MIXED_STEPS = 64
+
+
+@torch.no_grad()
+def assert_rows_step_alone(model: LMN, starts=MIXED_STARTS, steps: int = MIXED_STEPS) -> None:
+    """Each row of a batch whose rows sit at different pointers steps exactly as it does alone.
+
+    The batch step must select, per row, which levels take their new summary (the general path:
+    the rows re-summarize different level counts), while a row alone re-summarizes exactly its own
+    levels (the exact path). Beyond the comparison with each row alone, at every step a row keeps
+    its levels above k (k from its own pointer) bit for bit in every layer and replaces levels 1..k
+    in the last layer (not checked in layer 0, where a repeated token pair can give the same node).
+    """
+    cfg = model.config
+    top = cfg.max_levels - 1
+    assert_crosses(starts[1], steps, 2**24)
+    assert_crosses(starts[2], steps, 2**31)
+    counts = [[summary_levels(p + t, cfg.max_levels) for p in starts] for t in range(steps)]
+    assert any(len(set(c)) == len(starts) for c in counts), "no step where every row re-summarizes a different count"
+    for level in range(1, top + 1):  # the per-row choice decides every level at some step
+        assert any(min(c) < level <= max(c) for c in counts), f"level {level} never re-summarized by only some rows"
+
+    generator = torch.Generator().manual_seed(len(starts) * steps)
+    tokens = torch.randint(cfg.vocab_size, (len(starts), steps), generator=generator)
+    # Any memory is a state the step must carry forward row by row; a row at pointer 0 is empty.
+    memory = torch.randn(len(starts), cfg.n_layer, cfg.n_slots, cfg.n_embd, generator=generator)
+    memory[[b for b, p in enumerate(starts) if p == 0]] = 0
+    batch = StepState(memory.clone(), torch.tensor(starts))
+    alone = [StepState(memory[b : b + 1].clone(), torch.tensor([p])) for b, p in enumerate(starts)]
+    for t in range(steps):
+        before = batch.memory
+        logits, batch = model.step(tokens[:, t], batch)
+        changed = (batch.memory != before).any(-1)[:, :, 1:]  # (B, N, S-1): summary slots
+        for b in range(len(starts)):
+            k = counts[t][b]
+            want = [level <= k for level in range(1, top + 1) for _ in range(cfg.n_bank)]
+            assert not changed[b, :, k * cfg.n_bank :].any(), (t, starts[b] + t, k)  # kept bit for bit
+            assert changed[b, -1].tolist() == want, (t, starts[b] + t, k)
+            row_logits, alone[b] = model.step(tokens[b : b + 1, t], alone[b])
+            torch.testing.assert_close(logits[b], row_logits[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(batch.memory[b], alone[b].memory[0], atol=ATOL, rtol=0)
+    assert batch.pointer.tolist() == [p + steps for p in starts]
+    assert [s.pointer.item() for s in alone] == batch.pointer.tolist()
+
+
+# A batch of rows and a row alone take different kernels (batch-3 vs batch-1 matmuls, all levels
+# computed then selected vs only the row's own levels): observed gaps are <= 2e-6 over these
+# 64-token streams; a row that keeps or takes the wrong level moves its memory by ~1.
+@pytest.mark.parametrize("name", VARIANTS)
+def test_mixed_pointer_rows_step_like_each_row_alone(name):
+    assert_rows_step_alone(make(VARIANTS[name]))
+
+
+@pytest.mark.parametrize("name", LMN_PRESETS)
+def test_presets_mixed_pointer_rows_step_like_each_row_alone(name):
+    """max_levels 10: only rows 1 and 2 re-summarize levels 6..9 (at 2^24 - 1 and 2^31 - 1); row 0
+    fills levels 1..5 only."""
+    assert_rows_step_alone(make(LMN_PRESETS[name]))
+
+
 def test_exact_level_steps_equal_the_general_step():
     """A step told how many levels every row re-summarizes (the exported fast paths) computes what
-    the general step computes; a wrong promise is refused in eager mode, not silently obeyed."""
+    the general step computes: here the general step is one batch of rows at pointers that
+    re-summarize 0..5 levels (so it selects levels per row), and each exact step is one row alone
+    with levels=k, full=True (only its k summaries computed, no slot masked). A wrong promise is
+    refused in eager mode, not silently obeyed."""
     model = make(VARIANTS["conv-bank2-expand2"])
-    state = model.init_state(1)
-    state.memory.normal_(generator=torch.Generator().manual_seed(0))
+    pointers = [40, 41, 43, 39, 47, 63, 2**31 - 1]  # every row full: pointer + 1 >= 2^5
+    levels = [summary_levels(p, 6) for p in pointers]
+    assert levels == [0, 1, 2, 3, 4, 5, 5]
+    memory = torch.randn(len(pointers), 2, model.config.n_slots, 16, generator=torch.Generator().manual_seed(0))
+    tokens = torch.arange(len(pointers)) % 11
     with torch.no_grad():
-        for pointer, levels in ((40, 0), (41, 1), (47, 4), (63, 5), (2**31 - 1, 5)):
-            state.pointer = torch.tensor([pointer])
-            want = model.step(torch.tensor([3]), state)
-            got = model.step(torch.tensor([3]), state, levels=levels, full=True)
-            torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
-            torch.testing.assert_close(got[1].memory, want[1].memory, atol=ATOL, rtol=0)
-        state.pointer = torch.tensor([41])
+        want_logits, want = model.step(tokens, StepState(memory, torch.tensor(pointers)))
+        for b, (pointer, k) in enumerate(zip(pointers, levels)):
+            row = StepState(memory[b : b + 1].clone(), torch.tensor([pointer]))
+            got_logits, got = model.step(tokens[b : b + 1], row, levels=k, full=True)
+            torch.testing.assert_close(got_logits[0], want_logits[b], atol=ATOL, rtol=0)
+            torch.testing.assert_close(got.memory[0], want.memory[b], atol=ATOL, rtol=0)
+        state = StepState(memory[:1].clone(), torch.tensor([41]))
         with pytest.raises(ValueError, match="re-summarize"):
             model.step(torch.tensor([3]), state, levels=0)
         state.pointer = torch.tensor([30])  # 31 tokens seen: level 5 (32 tokens) still empty
@@ -162,3 +247,25 @@ def test_exact_level_steps_equal_the_general_step():
             model.step(torch.tensor([3]), state, levels=0, full=True)
         with pytest.raises(ValueError, match="levels must be in"):
             model.step(torch.tensor([3]), state, levels=6)
+
+
+def test_exact_zero_level_step_at_a_resummarizing_pointer_is_wrong():
+    """Negative control: the 0-level fast path (traced, so its promise is not checked, as in an
+    export) run at pointer 63, where 5 levels re-summarize, leaves every summary stale: each summary
+    slot of every layer differs from what the step computes there, while layer 0's level-0 node
+    (the token's own) agrees. So the agreement above is not vacuous."""
+    import warnings
+
+    from lmn_export.graphs import step_graph
+
+    model = make(VARIANTS["conv-bank2-expand2"])
+    memory = torch.randn(1, 2, model.config.n_slots, 16, generator=torch.Generator().manual_seed(0))
+    example = (torch.tensor([3]), memory, torch.tensor([40]))  # a pointer where 0 levels is right
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python-side checks skipped when tracing
+        fast0 = torch.jit.trace(step_graph(model, levels=0, full=True), example)
+        got = fast0(torch.tensor([3]), memory, torch.tensor([63]))
+        _, want = model.step(torch.tensor([3]), StepState(memory, torch.tensor([63])))
+    gap = (got[1] - want.memory).abs().amax(-1)[0]  # (N, S)
+    assert gap[0, 0] <= ATOL  # layer 0's level 0 (the token's own node) is computed either way
+    assert (gap[:, 1:] > 1e-3).all(), gap  # levels 1..5 (2 banks each): stale in the 0-level step

@@ -271,9 +271,10 @@ def test_generate_arguments_are_checked_before_anything_changes(export_dir, kwar
     assert_unchanged(s, before)
 
 
-@pytest.mark.parametrize("ids", [[1.5], [True], ["a"], [-1], [10**6]])
+@pytest.mark.parametrize("ids", [[1.5], [True], ["a"], [-1], ["vocab_size"], [10**6]])
 def test_feed_ids_refuses_what_is_not_a_token_id(export_dir, ids):
     s = Stream(runtime.load(export_dir))
+    ids = [len(s.model.vocab) if i == "vocab_size" else i for i in ids]  # the first id past the end
     s.feed("To be")
     before = snapshot(s)
     with pytest.raises(ValueError, match="token ids"):
