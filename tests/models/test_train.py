@@ -14,31 +14,12 @@ from click.testing import CliRunner
 from models.checkpoint import CheckpointError, load, save
 from models.train import TrainSettings, main
 
-QUICK = ["--preset", "tinylogmem-32", "--batch", "2", "--block", "16", "--eval-interval", "3", "--eval-batches", "2", "--threads", "1"]
+from .train_cli import QUICK, one_line_error, train
 
-
-@pytest.fixture
-def text_file(tmp_path, small_text) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(small_text, encoding="utf-8")
-    return path
-
-
-def train(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def one_line_error(result) -> str:
-    """The single line of a user-facing error; fails on a traceback or a multi-line banner."""
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output and "Aborted!" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_train_writes_checkpoint_and_log(tmp_path, text_file, small_text):

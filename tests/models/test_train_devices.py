@@ -29,21 +29,10 @@ from models.config import ConfigError, preset
 from models.data import CharVocab, Corpus
 from models.train import TrainSettings, backend_for, evaluate, main, resolve_device
 
+from .train_cli import QUICK, one_line_error, train
+
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["--preset", "tinylogmem-32", "--batch", "2", "--block", "16", "--eval-interval", "3", "--eval-batches", "2",
-         "--threads", "1"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-@pytest.fixture
-def text_file(tmp_path, small_text) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(small_text, encoding="utf-8")
-    return path
-
-
-def train(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def trained(out: Path, text_file: Path, *args: str) -> list[dict]:
@@ -55,15 +44,6 @@ def trained(out: Path, text_file: Path, *args: str) -> list[dict]:
 
 def log_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def one_line_error(result) -> str:
-    """The single line of a user-facing error; fails on a traceback or a multi-line banner."""
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output and "Aborted!" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def error_after_progress(result) -> str:

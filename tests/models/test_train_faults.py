@@ -22,23 +22,14 @@ from models.checkpoint import COMMIT, PAUSE_ENV, CheckpointError, load, locked, 
 from models.train import main
 from runtime.atomic import TEMP_MARK
 
+from .train_cli import train
+
 pytestmark = pytest.mark.faults
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--preset", "tinylogmem-32", "--batch", "2", "--block", "16", "--eval-interval", "1", "--eval-batches", "1",
          "--threads", "1"]
 PAUSE_TIMEOUT_S = 120  # a cold torch import plus two tiny steps on a loaded 2-core CI box; seen at ~5 s
-
-
-@pytest.fixture
-def text_file(tmp_path, small_text) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(small_text, encoding="utf-8")
-    return path
-
-
-def train(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 @pytest.fixture
