@@ -150,7 +150,10 @@ def main(directory, prompt, max_tokens, temperature, top_k, top_p, seed, stop, t
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is None:
-        Chat(stream, max_tokens, temperature, top_k, top_p, seed, stop).repl()
+        try:
+            Chat(stream, max_tokens, temperature, top_k, top_p, seed, stop).repl()
+        except OSError as e:  # the terminal went away or stdout is on a full device
+            raise click.ClickException(f"cannot write to the terminal: {e.strerror or e}") from None
         return
     try:
         stream.feed(prompt)
