@@ -15,6 +15,7 @@ from models.checkpoint import CheckpointError
 from models.data import DataError
 from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, ExportOptions, export
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
+from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES
 from .validate import ValidationError
 
 
@@ -26,6 +27,11 @@ def _sizes(text: str) -> tuple[int, ...]:
     if any(s < 1 for s in sizes):
         raise click.BadParameter("prefill sizes must be positive")
     return sizes
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """`int4,int8` -> ("int4", "int8"); the names are checked once, by the export (check_options)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _human(n: int) -> str:
@@ -41,7 +47,11 @@ def _human(n: int) -> str:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Export folder to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Core ML compute precision (fp16 for the Neural Engine).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write an int8 ONNX step graph.")
+@click.option("--quantize", default="", metavar="NAMES",
+              help=f"Also write quantized graphs, comma-separated: {', '.join(QUANTIZE_CHOICES)} (int4/int8: "
+                   "weight-only, ONNX and Core ML; dynamic-int8: ONNX only).")
+@click.option("--quant-block", type=int, default=DEFAULT_QUANT_BLOCK, show_default=True,
+              help="Weights per int4/int8 quantization block (a power of two >= 16).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
 @click.option("--stateful", is_flag=True, help="Also write an iOS 18 Core ML variant with fp16 StateType memory.")
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
@@ -53,12 +63,13 @@ def _human(n: int) -> str:
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
 @click.option("--force", is_flag=True, help="Replace an --out folder that is not an lmn export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def main(checkpoint, target, out, precision, quantize, opset, stateful, atol, prefill, fast_paths, parity_tokens, text,
-         force, as_json):
+def main(checkpoint, target, out, precision, quantize, quant_block, opset, stateful, atol, prefill, fast_paths,
+         parity_tokens, text, force, as_json):
     """Export CHECKPOINT (default: the shipped model) as a stateful single-step graph, with parity."""
     targets = ("onnx", "coreml") if target == "all" else (target,)
-    options = ExportOptions(targets=targets, precision=precision, quantize=quantize, opset=opset, stateful=stateful,
-                            atol=atol, prefill_sizes=_sizes(prefill), fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force)
+    options = ExportOptions(targets=targets, precision=precision, quantize=_names(quantize), quant_block=quant_block,
+                            opset=opset, stateful=stateful, atol=atol, prefill_sizes=_sizes(prefill),
+                            fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force)
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     try:
         with stop_on_signals():
@@ -98,7 +109,7 @@ def print_summary(result) -> None:
     click.echo(f"exported {m['model']['arch']} ({m['model']['n_embd']}-wide, {m['model']['n_layer']} layers, "
                f"vocab {m['model']['vocab_size']}) to {where}")
     for name, facts in m["files"].items():
-        click.echo(f"  {name:<28} {_human(facts['bytes']):>10}")
+        click.echo(f"  {name:<32} {_human(facts['bytes']):>10}")
     span = ("constant, any length" if m["model"]["arch"] == "lmn"
             else f"a KV cache for at most {m['model']['block_size']} tokens")
     click.echo(f"  state per stream: {m['state_bytes_per_stream']:,} bytes ({span})")
@@ -106,7 +117,7 @@ def print_summary(result) -> None:
     for r in result.reports:
         status = "ok  " if r.passed else "FAIL"
         gaps = ", ".join(f"{o.name} {o.max_abs_diff:.2g} (<= {o.atol:g})" for o in r.outputs)
-        click.echo(f"  {status} {r.graph:<22} {r.tokens} tokens x {r.batch} rows via {r.runner}: {gaps}")
+        click.echo(f"  {status} {r.graph:<30} {r.tokens} tokens x {r.batch} rows via {r.runner}: {gaps}")
 
 
 if __name__ == "__main__":

@@ -78,14 +78,21 @@ def coreml_spec(cfg) -> GraphSpec:
     return step_spec(cfg, int_dtype="int32")
 
 
-def export_step(model: LMN | GPT, path: Path, precision: str = "fp32") -> GraphSpec:
-    """Write the step graph as an .mlpackage with explicit state inputs and outputs."""
+def convert_step(model: LMN | GPT, precision: str = "fp32", target: str = "iOS16"):
+    """(mlmodel, spec): the step graph converted for `target` ("iOS16", or "iOS18" for the ops
+    compressed weights need there), explicit state inputs and outputs."""
     ct = _coremltools()
     spec = coreml_spec(model.config)
     args = (torch.zeros(2, dtype=torch.int32), *(t.int() if t.dtype == torch.int64 else t for t in example_state(model, 2)))
     traced = _trace(step_graph(model, torch.int32), args)
-    mlmodel = _convert(ct, traced, spec, precision, ct.target.iOS16)
+    mlmodel = _convert(ct, traced, spec, precision, getattr(ct.target, target))
     mlmodel.short_description = f"{type(model).__name__} single-token step ({precision})"
+    return mlmodel, spec
+
+
+def export_step(model: LMN | GPT, path: Path, precision: str = "fp32") -> GraphSpec:
+    """Write the step graph as an .mlpackage with explicit state inputs and outputs."""
+    mlmodel, spec = convert_step(model, precision)
     mlmodel.save(str(path))
     return spec
 

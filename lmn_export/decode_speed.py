@@ -83,9 +83,9 @@ def write_step_export(out: Path, cfg, graphs: list[dict]) -> Path:
     from runtime import manifest as schema
     from runtime.atomic import write_atomic
 
-    from .export import write_int8_copy
+    from .quantize import write_quantized_copy
 
-    graphs = graphs + [write_int8_copy(out, g) for g in graphs]
+    graphs = graphs + [write_quantized_copy(out, g, "dynamic-int8") for g in graphs]
     files = {g["file"]: {"sha256": schema.file_digest(out / g["file"]), "bytes": schema.file_size(out / g["file"])}
              for g in graphs}
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))
@@ -101,8 +101,8 @@ def steppers(directory: Path, threads: int) -> dict[str, OnnxStepper]:
     out = {"general": OnnxStepper(fp32.session, fp32.step_graph)}
     if fp32.fast_paths:
         out["fast paths"] = fp32.stepper()
-    if fp32.manifest.graph("step_int8") is not None:
-        int8 = runtime.load(directory, threads=threads, precision="int8")
+    if "dynamic-int8" in fp32.manifest.precisions():
+        int8 = runtime.load(directory, threads=threads, precision="dynamic-int8")
         if int8.fast_paths:
             out["fast paths int8"] = int8.stepper()
     return out
@@ -206,7 +206,7 @@ def bench_decode_speed(shipped: Path, drive: list[int], s: SpeedSettings, work: 
         steps = steppers(directory, s.threads)
         bare = steppers(bare_dir, s.threads)
         steps[NO_MEMORY] = bare["general"]
-        int8 = runtime.load(bare_dir, threads=s.threads, precision="int8")
+        int8 = runtime.load(bare_dir, threads=s.threads, precision="dynamic-int8")
         steps[NO_MEMORY_INT8] = OnnxStepper(int8.session, int8.step_graph)
         log(f"{name}: timing {', '.join(steps)} ({s.rounds} rounds x {s.tokens} tokens each)")
         timings = time_interleaved(steps, drive, s)

@@ -29,7 +29,8 @@ from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
-from .validate import (FP16_ATOL, FP32_ATOL, START_POINTERS, ParityReport, check_names, prefill_parity,
+from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES, export_precision
+from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ FAST_PATH_RULE = ("valid only when, for every row, pointer+1 >= 2^(max_levels-1)
 class ExportOptions:
     targets: tuple[str, ...] = ("onnx",)
     precision: str = "fp32"
-    quantize: str | None = None
+    quantize: tuple[str, ...] = ()  # any of QUANTIZE_CHOICES: int4 / int8 weight-only (ONNX, Core ML), dynamic-int8 (ONNX)
+    quant_block: int = DEFAULT_QUANT_BLOCK  # weights per quantization block (a power of two >= 16)
     opset: int = DEFAULT_OPSET
     stateful: bool = False
     atol: float | None = None
@@ -56,8 +58,6 @@ class ExportOptions:
     parity_tokens: int = 512
     text: str | None = None
     force: bool = False
-    int8_min_agreement: float = 0.9
-    int8_max_loss_increase: float = 0.05
 
 
 @dataclass
@@ -137,6 +137,24 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError("--fast-paths must be >= 0")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in options.prefill_sizes):
         raise ExportError(f"--prefill sizes must be whole numbers >= 1, got {options.prefill_sizes!r}")
+    check_quantize(options)
+
+
+def check_quantize(options: ExportOptions) -> None:
+    """--quantize: distinct names from QUANTIZE_CHOICES; --quant-block: a power of two >= 16."""
+    quantize = options.quantize
+    if not isinstance(quantize, (tuple, list)) or not all(isinstance(q, str) for q in quantize):
+        raise ExportError(f"--quantize takes names from {', '.join(QUANTIZE_CHOICES)} (a tuple in Python), got {quantize!r}")
+    unknown = [q for q in quantize if q not in QUANTIZE_CHOICES]
+    if unknown:
+        raise ExportError(f"unknown --quantize {', '.join(map(repr, unknown))}; choose from {', '.join(QUANTIZE_CHOICES)}")
+    if len(set(quantize)) != len(quantize):
+        raise ExportError(f"--quantize names a precision twice ({','.join(quantize)}); give each once")
+    if "dynamic-int8" in quantize and "onnx" not in options.targets:
+        raise ExportError("--quantize dynamic-int8 applies to ONNX only; add --to onnx (Core ML takes int8 or int4)")
+    block = options.quant_block
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ExportError(f"--quant-block must be a power of two >= 16 (16, 32, 64, ...), got {block!r}")
 
 
 def check_exportable(model, options: ExportOptions) -> None:
@@ -154,10 +172,6 @@ def check_exportable(model, options: ExportOptions) -> None:
         raise ExportError("--precision fp16 applies to Core ML; add --to coreml (ONNX stays fp32; see --quantize)")
     if options.stateful and "coreml" not in options.targets:
         raise ExportError("--stateful applies to Core ML; add --to coreml")
-    if options.quantize not in (None, "int8"):
-        raise ExportError("--quantize supports int8 only")
-    if options.quantize and "onnx" not in options.targets:
-        raise ExportError("--quantize int8 applies to ONNX; add --to onnx")
 
 
 def export(checkpoint: Path | str | None, out: Path | str, options: ExportOptions, progress=None) -> ExportResult:
@@ -203,17 +217,8 @@ def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progr
     return entries
 
 
-def write_int8_copy(directory: Path, entry: dict) -> dict:
-    """Quantize the graph of a manifest entry to int8 beside it (`x.onnx` -> `x.int8.onnx`); the copy's entry."""
-    from .quantize import quantize_file
-
-    name = entry["file"].removesuffix(".onnx") + ".int8.onnx"
-    quantize_file(directory / entry["file"], directory / name)
-    return {**entry, "name": f"{entry['name']}_int8", "file": name, "precision": "int8"}
-
-
 def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: np.ndarray, options: ExportOptions,
-                       graphs: list, progress) -> tuple[list[ParityReport], dict[int, OnnxPredictor]]:
+                       graphs: list, progress) -> list[ParityReport]:
     """Fast-path graphs (`write_fast_paths`), checked by streaming each parity row alone (batch 1, as
     the runtime steps) through the graphs picked per token."""
     fast = {}
@@ -229,22 +234,7 @@ def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: 
                                f"onnx fast paths @{pointer}", predictor.runner)
         report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
         reports.append(report)
-    return reports, fast
-
-
-def _quantize_fast_paths(work: Path, model, fp32: FastPathPredictor, text_ids: list[int], options: ExportOptions,
-                         graphs: list, progress) -> ParityReport:
-    """int8 copies of the fast paths, judged like the int8 step graph but from a pointer where they run."""
-    from .quantize import int8_report
-
-    fast = {}
-    for entry in [g for g in graphs if g["name"] == "step_levels"]:
-        progress(f"quantizing ONNX fast path ({entry['levels']} summary levels) to int8")
-        copy = write_int8_copy(work, entry)
-        graphs.append(copy)
-        fast[entry["levels"]] = OnnxPredictor(work / copy["file"])
-    int8 = FastPathPredictor(OnnxPredictor(work / "model.int8.onnx"), fast, model.config.max_levels)
-    return int8_report(fp32, int8, text_ids, options, "onnx int8 fast paths", start=START_POINTERS[1])
+    return reports
 
 
 def _atol(options: ExportOptions, default: float) -> float:
@@ -269,10 +259,8 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         tokens = stream_tokens(model, text_ids, options.parity_tokens)
         reports.append(stream_parity(model, predictor, spec, tokens, start_pointers(model, options.parity_tokens),
                                      _atol(options, FP32_ATOL), "onnx step", predictor.runner))
-        fast = {}
         if is_lmn and options.fast_paths:
-            fast_reports, fast = _export_fast_paths(work, model, predictor, spec, tokens, options, graphs, progress)
-            reports.extend(fast_reports)
+            reports.extend(_export_fast_paths(work, model, predictor, spec, tokens, options, graphs, progress))
         if is_lmn:
             for size in options.prefill_sizes:
                 name = f"prefill_{size}.onnx"
@@ -285,17 +273,12 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                 ptokens = stream_tokens(model, text_ids, size)
                 reports.append(prefill_parity(model, ppredictor, pspec, ptokens, [size, size // 2 + 1, 1],
                                               _atol(options, FP32_ATOL), f"onnx prefill {size}", ppredictor.runner))
-        if options.quantize == "int8":
-            from .quantize import quantize_int8
-
-            progress("quantizing ONNX step graph to int8")
-            report = quantize_int8(work / "model.onnx", work / "model.int8.onnx", text_ids, options)
-            graphs.append({"name": "step_int8", "target": "onnx", "file": "model.int8.onnx", "precision": "int8",
-                           "opset": options.opset, **spec.to_dict()})
-            reports.append(report)
-            if fast:
-                fp32 = FastPathPredictor(predictor, fast, cfg.max_levels)
-                reports.append(_quantize_fast_paths(work, model, fp32, text_ids, options, graphs, progress))
+        fp32 = list(graphs)
+        for precision in (q for q in QUANTIZE_CHOICES if q in options.quantize):  # a fixed order: reproducible
+            copies, judged = export_precision(work, fp32, text_ids, options.parity_tokens, precision,
+                                              options.quant_block, cfg.max_levels if is_lmn else 0, progress)
+            graphs.extend(copies)
+            reports.extend(judged)
 
     if "coreml" in options.targets:
         progress(f"exporting Core ML step graph ({options.precision})")
@@ -311,6 +294,13 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         bound = _atol(options, FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
         reports.append(stream_parity(model, predictor, cspec, tokens, start_pointers(model, steps, 2**31 - 1),
                                      bound, f"coreml step ({options.precision})", runner))
+        if options.quantize:  # int4 / int8 weight-only copies, each judged against this step
+            from .coreml_quantize import export_quantized
+
+            copies, judged = export_quantized(model, work, options, work / "model.mlpackage", cspec, text_ids,
+                                              progress)
+            graphs.extend(copies)
+            reports.extend(judged)
         if options.stateful:
             progress("exporting Core ML stateful (iOS 18) step graph")
             sspec = coreml_export.export_stateful_step(model, work / "model.stateful.mlpackage")

@@ -134,7 +134,8 @@ class Chat:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "coreml"]), default="onnxruntime", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Which of the export's ONNX graphs to run (int8 needs an export made with --quantize int8).")
+              help="Which of the export's ONNX graph sets to run (int8, int4, dynamic-int8: an export made with "
+                   "lmn-export --quantize naming it).")
 @click.option("--unknown", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="What to do with characters the model does not know.")
 @click.option("--json", "as_json", is_flag=True, help="Non-interactive: print a JSON object instead of text.")

@@ -6,8 +6,14 @@ Schema (format_version 1):
   vocab_kind: "chars" (absent in manifests written before byte vocabularies) or "bytes"
   vocab: the characters, in id order (a "chars" vocabulary only; "bytes" has 256 ids, the UTF-8 bytes)
   graphs: [{name, target ("onnx" | "coreml"), file, precision, inputs, outputs, state, ...}]
+          name: "step" (any pointer), "step_levels" (a fast path, with `levels`), "prefill" (with `size`), ...
+          precision: "fp32", "int8" or "int4" (weight-only), "dynamic-int8" (ONNX); "fp16" (Core ML);
+          a graph absent: "fp32". The runtime picks graphs by these fields, never by file name.
+          quantization (quantized graphs): {kind: "weight-only" | "dynamic", bits, block, method,
+          accuracy_level, moved_up, fp32_ops, fp32_weights, ...}: how, and what stayed fp32
           inputs/outputs: [{name, shape (ints or "batch"), dtype}]
           state: [{input, output, layout}]: outputs a caller feeds back as the next inputs
+          (name, precision, levels, size) is unique among the ONNX graphs
   files: {relative path: {sha256, bytes}}, source: {checkpoint, sha256}, parity: [reports]
   integrity: {sha256, covers}: sha256 of the manifest itself (`manifest_digest`), so one changed
           byte anywhere in lmn.json (a vocabulary character, a shape) is refused on load
@@ -80,14 +86,24 @@ class Manifest:
         """The characters of a "chars" vocabulary; None for "bytes"."""
         return self.data.get("vocab")
 
-    def graph(self, name: str, target: str = "onnx") -> dict[str, Any] | None:
-        for entry in self.data["graphs"]:
-            if entry["name"] == name and entry["target"] == target:
-                return entry
-        return None
+    def graph(self, name: str, target: str = "onnx", precision: str | None = None) -> dict[str, Any] | None:
+        """The first graph with this name and target (and precision, when given)."""
+        found = self.graphs(target, name, precision)
+        return found[0] if found else None
 
-    def graphs(self, target: str | None = None) -> list[dict[str, Any]]:
-        return [g for g in self.data["graphs"] if target is None or g["target"] == target]
+    def graphs(self, target: str | None = None, name: str | None = None,
+               precision: str | None = None) -> list[dict[str, Any]]:
+        """The graphs of a target (all when None), of a name and of a precision when those are given."""
+        return [g for g in self.data["graphs"] if (target is None or g["target"] == target)
+                and (name is None or g["name"] == name) and (precision is None or precision_of(g) == precision)]
+
+    def precisions(self, target: str = "onnx") -> list[str]:
+        """The precisions of this target's step graphs, fp32 first."""
+        return sorted({precision_of(g) for g in self.graphs(target, "step")}, key=lambda p: (p != "fp32", p))
+
+
+def precision_of(graph: dict[str, Any]) -> str:
+    return graph.get("precision", "fp32")
 
 
 def check_integrity(path: Path, data: dict[str, Any]) -> None:
@@ -119,6 +135,12 @@ def check_fields(path: Path, data: dict[str, Any]) -> None:
             _fail(path, f"a graph entry lacks name, target, file, inputs or outputs: {str(entry)[:80]}")
         if entry["file"] not in data["files"]:
             _fail(path, f"graph file {entry['file']} is not listed under 'files'")
+        if not isinstance(precision_of(entry), str):
+            _fail(path, f"graph {entry['file']} has a precision that is not a string")
+    onnx = [(g["name"], precision_of(g), str(g.get("levels")), str(g.get("size"))) for g in data["graphs"] if g["target"] == "onnx"]
+    twice = sorted({i for i in onnx if onnx.count(i) > 1})
+    if twice:  # the runtime picks ONNX graphs by these fields: each must name one graph
+        _fail(path, f"two onnx {twice[0][0]} graphs of precision {twice[0][1]} (and the same levels and size) are listed")
     for name, facts in data["files"].items():
         if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
             _fail(path, f"file entry {name!r} lacks a sha256")

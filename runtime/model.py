@@ -12,7 +12,7 @@ from .manifest import MANIFEST, Manifest, ManifestError, read_manifest
 from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")  # the ONNX graph sets an export may hold (lmn-export --quantize)
 DEFAULT_EXPORT = Path(__file__).parent / "default"
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
@@ -74,23 +74,26 @@ class ExportedModel:
         if backend == "coreml":
             self.step_graph = self._graph("step", "coreml")
             self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]))
-        else:
-            name = "step_int8" if precision == "int8" else "step"
-            self.step_graph = self._graph(name, "onnx")
+        else:  # graphs chosen by their manifest fields (name, precision, levels, size), never by file name
+            self.step_graph = manifest.graph("step", "onnx", precision)
+            if self.step_graph is None:
+                have = manifest.precisions("onnx")
+                how = f"--quantize {precision}" if precision != "fp32" else "--to onnx"
+                raise ManifestError(f"{self.directory} has no {precision} ONNX graphs (it has "
+                                    f"{', '.join(have) or 'none'}); re-export with lmn-export {how}")
             self.session = self._session(self.step_graph)
             # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
-            fast = "step_levels_int8" if precision == "int8" else "step_levels"
-            self.fast_path_graphs = {g["levels"]: g for g in manifest.graphs("onnx") if g["name"] == fast}
+            self.fast_path_graphs = {g["levels"]: g for g in manifest.graphs("onnx", "step_levels", precision)}
             self.fast_paths = {k: self._session(g) for k, g in self.fast_path_graphs.items()}
-        self.prefill_graphs = sorted(
-            (g for g in manifest.graphs("onnx") if g["name"] == "prefill"), key=lambda g: g["size"]
-        ) if backend == "onnxruntime" else []
+        # prefill: per size, this precision's graph where the export has one, else the fp32 one
+        prefill = {g["size"]: g for g in manifest.graphs("onnx", "prefill", "fp32")}
+        prefill.update({g["size"]: g for g in manifest.graphs("onnx", "prefill", precision)})
+        self.prefill_graphs = [prefill[size] for size in sorted(prefill)] if backend == "onnxruntime" else []
 
     def _graph(self, name: str, target: str) -> dict:
         graph = self.manifest.graph(name, target)
         if graph is None:
-            hint = " --quantize int8" if name.endswith("int8") else ""
-            raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}{hint}")
+            raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}")
         return graph
 
     def _session(self, graph: dict):

@@ -31,8 +31,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def full_export(checkpoint, tmp_path_factory):
-    """ONNX step + prefill + int8 and Core ML (fp32 + stateful) of the tiny checkpoint."""
+    """ONNX step + fast paths + prefill, each quantized (int4, int8, dynamic-int8), and Core ML
+    (fp32 + stateful) of the tiny checkpoint."""
     out = tmp_path_factory.mktemp("exports") / "full"
-    options = ExportOptions(targets=("onnx", "coreml"), quantize="int8", stateful=True,
+    options = ExportOptions(targets=("onnx", "coreml"), quantize=("int4", "int8", "dynamic-int8"), stateful=True,
                             prefill_sizes=(24,), parity_tokens=48)
     return export(checkpoint, out, options)

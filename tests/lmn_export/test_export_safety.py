@@ -248,19 +248,19 @@ def test_a_prefill_graph_of_other_weights_fails(tmp_path):
     assert not nan.passed
 
 
-def test_a_bad_quantization_fails_the_int8_gate(tmp_path):
-    """The int8 gate (agreement, loss) fails a "quantized" graph that is really other weights, and NaN."""
-    from lmn_export.quantize import int8_report
+def test_a_bad_quantization_fails_the_quantized_gate(tmp_path):
+    """The quantized-graph gate (agreement, loss) fails a "quantized" graph that is really other weights, and NaN."""
+    from lmn_export.quantize import GATES, stream_report
 
     model, other = tiny_model(seed=0), tiny_model(seed=1)
     onnx_export.export_step(model, tmp_path / "a.onnx")
     onnx_export.export_step(other, tmp_path / "b.onnx")
     ids = VOCAB.encode("To be, or not to be: that is the question: whether 'tis nobler in the mind")
-    options = ExportOptions(parity_tokens=60)
+    gate = GATES["dynamic-int8"]
     fp32 = OnnxPredictor(tmp_path / "a.onnx")
-    assert int8_report(fp32, fp32, ids, options).passed  # control: identical graphs pass
-    assert not int8_report(fp32, OnnxPredictor(tmp_path / "b.onnx"), ids, options).passed
-    poisoned = int8_report(fp32, Poisoned(fp32, "logits"), ids, options)
+    assert stream_report(fp32, fp32, ids, 60, gate, "g").passed  # control: identical graphs pass
+    assert not stream_report(fp32, OnnxPredictor(tmp_path / "b.onnx"), ids, 60, gate, "g").passed
+    poisoned = stream_report(fp32, Poisoned(fp32, "logits"), ids, 60, gate, "g")
     assert not poisoned.passed and poisoned.extra["finite"] is False
 
 

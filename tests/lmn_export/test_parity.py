@@ -177,7 +177,7 @@ class Poisoned:
 
     def __init__(self, inner, output: str, after: int = 0):
         self.inner, self.output, self.after, self.calls = inner, output, after, 0
-        self.session = inner.session  # int8_report reads the graph's inputs from it
+        self.session = inner.session  # the quantized-graph gate reads the graph's inputs from it
 
     def predict(self, inputs):
         out = dict(self.inner.predict(inputs))
@@ -220,15 +220,14 @@ def test_a_nan_gap_never_passes():
     assert not report.passed and report.to_dict()["outputs"][0]["max_abs_diff"] is None
 
 
-def test_int8_gate_fails_both_checks_on_nan_logits(tiny_step):
-    """The int8 gate judges agreement and loss; NaN logits fail each of them, not just one."""
-    from lmn_export.quantize import int8_report
+def test_quantized_gate_fails_both_checks_on_nan_logits(tiny_step):
+    """The quantized-graph gate judges agreement and loss; NaN logits fail each of them, not just one."""
+    from lmn_export.quantize import GATES, stream_report
 
     _, _, fp32 = tiny_step
     ids = VOCAB.encode("To be, or not to be: that is the question:")
-    options = ExportOptions(parity_tokens=16)
-    assert int8_report(fp32, fp32, ids, options).passed  # control: the graph against itself
-    report = int8_report(fp32, Poisoned(fp32, "logits"), ids, options)
+    assert stream_report(fp32, fp32, ids, 16, GATES["int4"], "g").passed  # control: the graph against itself
+    report = stream_report(fp32, Poisoned(fp32, "logits"), ids, 16, GATES["int4"], "g")
     assert {o.name: o.passed for o in report.outputs} == {"next_token_disagreement": False,
                                                           "loss_increase_nats": False}, report.to_dict()
 

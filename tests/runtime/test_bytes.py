@@ -237,14 +237,16 @@ def test_bad_byte_manifests_are_refused(byte_export, tmp_path, change, message):
 
 
 def test_manifests_without_vocab_kind_are_characters(tmp_path):
-    """The shipped export was written before vocab_kind: it loads as characters. Marked "bytes"
-    (negative control), its character list is refused rather than ignored."""
+    """A manifest written before vocab_kind (the shipped one, with the field removed, as older
+    exports were) loads as characters. Marked "bytes" (negative control), its character list is
+    refused rather than ignored."""
     data = json.loads((runtime.DEFAULT_EXPORT / "lmn.json").read_text(encoding="utf-8"))
-    assert "vocab_kind" not in data
-    model = runtime.load()
-    assert model.vocab.kind == "chars" and model.vocab.chars == data["vocab"]
+    assert data.pop("vocab_kind", "chars") == "chars"
     copy = tmp_path / "copy"
     shutil.copytree(runtime.DEFAULT_EXPORT, copy)
+    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    model = runtime.load(copy)
+    assert model.vocab.kind == "chars" and model.vocab.chars == data["vocab"]
     data["vocab_kind"] = "bytes"
     (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
     with pytest.raises(ManifestError, match="lists no characters"):
