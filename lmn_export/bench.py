@@ -1,4 +1,5 @@
-"""`lmn-bench`: LMN vs a same-size GPT-2 with a KV cache, decoding through onnxruntime on this CPU.
+"""`lmn-bench`: LMN vs a same-size GPT-2 with a KV cache, decoding through onnxruntime on this CPU,
+and (section `train`) training throughput of LMN and GPT-2 presets of the same width in PyTorch.
 
 Everything is measured in one process, one run, side by side, so ratios are meaningful on a
 noisy machine. Embedded-style defaults: one thread, one stream, warm-up excluded.
@@ -33,6 +34,12 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespe
 GPT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "baselines" / "gpt2-32"
 QUALITY_WINDOWS = ((0, 512), (512, 4096), (4096, 16384), (16384, 1 << 62))
 MAX_CONTEXT = 1 << 62  # the LMN's pointer is an int64
+# Sections of a run, in the order they run: decode latency per context (LMN, GPT-2 KV caches, the
+# memory-free LMN), time to first token, decode speed per preset, held-out quality, training throughput.
+SECTIONS = ("decode", "ttft", "speed", "quality", "train")
+DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "train")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TRAIN_PAIRS = (("logmem-32", "gpt2-32"), ("logmem-128", "gpt2-128"))  # (LMN, GPT-2) of the same width
 
 
 def rss_bytes() -> int:
@@ -144,6 +151,19 @@ class KVConcatStepper:
 
 
 @dataclass
+class TrainSettings:
+    """The `train` section: forward + backward + AdamW steps on random tokens (the time of a step
+    does not depend on the text), every preset of TRAIN_PAIRS built once, then timed round after
+    round, the presets interleaved within each round."""
+
+    batch: int = 16
+    block: int = 512  # a GPT-2 preset trains at min(block, its position table): GPT-2-128 at 256
+    steps: int = 3  # timed steps per preset per round
+    rounds: int = 5
+    device: str = "auto"  # cuda, else mps, else cpu
+
+
+@dataclass
 class Settings:
     threads: int = 1
     contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
@@ -156,6 +176,8 @@ class Settings:
     step_all: bool = False
     seed: int = 0
     speed: SpeedSettings = field(default_factory=SpeedSettings)
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    train: TrainSettings = field(default_factory=TrainSettings)
 
 
 session = open_session
@@ -324,6 +346,81 @@ def bench_quality(model: runtime.ExportedModel, gpt: runtime.ExportedModel | Non
     return rows
 
 
+def train_device(name: str) -> str:
+    """`--device`: the name itself, or for `auto` the first of cuda, mps, cpu that this machine has."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def train_block(cfg, block: int) -> int:
+    """The block a preset trains at: `block`, or a GPT-2's position table if that is shorter."""
+    return min(block, cfg.block_size) if hasattr(cfg, "block_size") else block
+
+
+def bench_train(t: TrainSettings, threads: int, seed: int, log) -> list[dict]:
+    """Training throughput, tokens per second (forward, cross-entropy, backward, AdamW step), of each
+    preset in TRAIN_PAIRS: the median over `t.rounds` rounds of `t.steps` steps each, after one
+    warm-up step, the presets interleaved in every round. fp32, `threads` torch threads on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    from models import build_model
+    from models.config import preset
+
+    device = train_device(t.device)
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device, lambda: None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        steps, blocks = {}, {}
+        for name in (name for pair in TRAIN_PAIRS for name in pair):
+            torch.manual_seed(seed)
+            cfg = preset(name)
+            blocks[name] = block = train_block(cfg, t.block)
+            model = build_model(cfg).to(device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            tokens = torch.randint(cfg.vocab_size, (t.batch, block + 1), generator=torch.Generator().manual_seed(seed))
+            inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+            def step(model=model, optimizer=optimizer, inputs=inputs, targets=targets):
+                loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            log(f"train: {name} on {device}, batch {t.batch} x block {block}: warm-up step")
+            step()
+            steps[name] = step
+        sync()
+        rates = {name: [] for name in steps}
+        for r in range(t.rounds):
+            log(f"train: round {r + 1} of {t.rounds} ({t.steps} steps per preset)")
+            for name, step in steps.items():
+                began = time.perf_counter()
+                for _ in range(t.steps):
+                    step()
+                sync()
+                rates[name].append(t.batch * blocks[name] * t.steps / (time.perf_counter() - began))
+    finally:
+        torch.set_num_threads(previous)
+    return [{"preset": name, "device": device, "precision": "fp32", "batch": t.batch, "block": blocks[name],
+             "tokens_per_s": statistics.median(rates[name]), "round_tokens_per_s": rates[name],
+             "threads": threads if device == "cpu" else None} for name in steps]
+
+
+def train_ratios(rows: list[dict]) -> dict[str, float]:
+    """{width: LMN tokens/s / GPT-2 tokens/s} for each pair in TRAIN_PAIRS."""
+    from models.config import preset
+
+    rate = {row["preset"]: row["tokens_per_s"] for row in rows}
+    return {str(preset(lmn).n_embd): rate[lmn] / rate[gpt] for lmn, gpt in TRAIN_PAIRS if lmn in rate and gpt in rate}
+
+
 def machine() -> dict:
     import onnxruntime as ort
 
@@ -337,41 +434,56 @@ def machine() -> dict:
 
 
 def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
+    """Every section in `s.sections`; the export is loaded only for the sections that time it."""
+    result = {"machine": machine(), "settings": dataclasses.asdict(s)}
+    if set(s.sections) - {"train"}:
+        run_export_sections(lmn_dir, s, result, log)
+    if "train" in s.sections:
+        log("training throughput")
+        result["train"] = bench_train(s.train, s.threads, s.seed, log)
+    result["summary"] = summarize(result)
+    return result
+
+
+def run_export_sections(lmn_dir: Path | None, s: Settings, result: dict, log) -> None:
+    """The sections that time an LMN export (decode, ttft, speed, quality), into `result`."""
+    sections = set(s.sections)
     model = runtime.load(lmn_dir, threads=s.threads)
     if model.config.get("arch", "lmn") != "lmn":
         raise runtime.ManifestError(f"{model.directory} holds a {model.config['arch']} export; lmn-bench times an LMN "
                                     "export against its own GPT-2 baseline: give an LMN export folder")
     drive, val, source = text_ids(model.vocab, s.quality_chars)
     span = s.warmup + s.tokens * s.reps
-    result = {"machine": machine(), "settings": dataclasses.asdict(s), "text": source,
-              "lmn": {"config": model.config, "state_bytes": model.state_bytes,
-                      "files": model.manifest.data["files"]}}
-    with tempfile.TemporaryDirectory() as tmp:
-        gpt_dir, gcfg, (bare_path, bare_graph) = build_baselines(model.config, gpt_positions(s), Path(tmp), log)
-        decode = bench_lmn(model, drive, s, log)
-        decode += bench_gpt(gpt_dir, gcfg, s.contexts, s, log)
-        bare = OnnxStepper(session(bare_path, s.threads), bare_graph)
-        log("LMN without memory: timing")
-        bare_timing = time_steps(bare.step, cycle(drive, span), s.reps, s.warmup).summary()
-        result["decode"] = decode
-        result["no_memory"] = bare_timing
-        lmn_1k = next(r for r in decode if r["model"] == "lmn")
-        result["memory_overhead_ratio"] = lmn_1k["p50_us"] / bare_timing["p50_us"]
-        log("time to first token")
-        result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
-    if s.speed.presets:
+    result.update({"text": source, "lmn": {"config": model.config, "state_bytes": model.state_bytes,
+                                           "files": model.manifest.data["files"]}})
+    if sections & {"decode", "ttft"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            gpt_dir, gcfg, (bare_path, bare_graph) = build_baselines(model.config, gpt_positions(s), Path(tmp), log)
+            if "decode" in sections:
+                decode = bench_lmn(model, drive, s, log)
+                decode += bench_gpt(gpt_dir, gcfg, s.contexts, s, log)
+                bare = OnnxStepper(session(bare_path, s.threads), bare_graph)
+                log("LMN without memory: timing")
+                bare_timing = time_steps(bare.step, cycle(drive, span), s.reps, s.warmup).summary()
+                result["decode"] = decode
+                result["no_memory"] = bare_timing
+                lmn_1k = next(r for r in decode if r["model"] == "lmn")
+                result["memory_overhead_ratio"] = lmn_1k["p50_us"] / bare_timing["p50_us"]
+            if "ttft" in sections:
+                log("time to first token")
+                result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
+    if "speed" in sections and s.speed.presets:
         with tempfile.TemporaryDirectory() as tmp:
             result["decode_speed"] = bench_decode_speed(model.directory, drive, dataclasses.replace(s.speed, threads=s.threads),
                                                         Path(tmp), log)
         shipped = next((row for row in result["decode_speed"] if row["weights"] == "shipped"), None)
-        if shipped:  # interleaved with the memory-free model, so robust to the machine's slow phases
+        if shipped and "decode" in sections:  # interleaved with the memory-free model, so robust to the machine's slow phases
             result["memory_overhead_ratio_sequential"] = result["memory_overhead_ratio"]
             result["memory_overhead_ratio"] = shipped["ratio_p50_vs_no_memory"]
-    with tempfile.TemporaryDirectory() as tmp:
-        gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
-        result["quality"] = bench_quality(model, gpt, val, log)
-    result["summary"] = summarize(result)
-    return result
+    if "quality" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
+            result["quality"] = bench_quality(model, gpt, val, log)
 
 
 def trained_gpt_export(work: Path, log) -> runtime.ExportedModel:
@@ -384,15 +496,18 @@ def trained_gpt_export(work: Path, log) -> runtime.ExportedModel:
 
 
 def summarize(r: dict) -> dict:
-    decode = r["decode"]
+    """The headline numbers of the sections that ran."""
+    out = {}
+    decode = r.get("decode", [])
     lmn = {row["n_ctx"]: row for row in decode if row["model"] == "lmn"}
     inplace = {row["n_ctx"]: row for row in decode if row["layout"] == "kv-inplace"}
     concat = {row["n_ctx"]: row for row in decode if row["layout"] == "kv-concat"}
-    first, last = min(lmn), max(lmn)
-    out = {"lmn_tps_ratio_longest_vs_first": lmn[last]["tokens_per_s"] / lmn[first]["tokens_per_s"],
-           "lmn_contexts": [first, last],
-           "lmn_state_bytes_constant": len({row["state_bytes"] for row in lmn.values()}) == 1,
-           "memory_overhead_ratio": r["memory_overhead_ratio"]}
+    if lmn:
+        first, last = min(lmn), max(lmn)
+        out = {"lmn_tps_ratio_longest_vs_first": lmn[last]["tokens_per_s"] / lmn[first]["tokens_per_s"],
+               "lmn_contexts": [first, last],
+               "lmn_state_bytes_constant": len({row["state_bytes"] for row in lmn.values()}) == 1,
+               "memory_overhead_ratio": r["memory_overhead_ratio"]}
     for row in r.get("decode_speed", []):
         v = row["variants"]
         out[row["preset"]] = {name: round(t["p50_us"], 1) for name, t in v.items()} | {
@@ -404,23 +519,16 @@ def summarize(r: dict) -> dict:
         out["speedup_vs_kv_inplace"] = inplace[common]["p50_us"] / lmn[common]["p50_us"]
         out["speedup_vs_kv_concat"] = concat[common]["p50_us"] / lmn[common]["p50_us"]
         out["state_ratio_vs_kv"] = inplace[common]["state_bytes"] / lmn[common]["state_bytes"]
+    if r.get("train"):
+        out["train_ratio"] = train_ratios(r["train"])
     return out
 
 
 def print_report(r: dict) -> None:
     m = r["machine"]
     click.echo(f"\nmachine: {m['cpu']} ({m['cores']} cores), {m['os']}; numpy {m['numpy']}, onnxruntime {m['onnxruntime']}")
-    click.echo(f"threads {r['settings']['threads']}, batch 1, {r['settings']['tokens']} tokens x {r['settings']['reps']} reps "
-               f"after {r['settings']['warmup']} warm-up; text: {r['text']}\n")
-    click.echo(f"{'model':<6} {'layout':<11} {'context':>9} {'p50 us':>9} {'p99 us':>9} {'tok/s':>9} "
-               f"{'state bytes':>13} {'RSS MB':>8}  reached by")
-    for row in r["decode"]:
-        click.echo(f"{row['model']:<6} {row['layout']:<11} {row['n_ctx']:>9,} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
-                   f"{row['tokens_per_s']:>9,.0f} {row['state_bytes']:>13,} {row['rss_bytes'] / 2**20:>8.1f}  {row['reached_by']}")
-    nm = r["no_memory"]
-    sequential = r.get("memory_overhead_ratio_sequential", r["memory_overhead_ratio"])
-    click.echo(f"\nLMN without memory (same model and code, max_levels 1): p50 {nm['p50_us']:.1f} us; memory overhead "
-               f"{sequential:.2f}x vs the LMN at the first context, timed apart (interleaved figure: decode speed below)")
+    if "decode" in r:
+        print_decode(r)
     for row in r.get("decode_speed", []):
         click.echo(f"\ndecode speed, {row['preset']} ({row['weights']} weights), us per token:")
         click.echo(f"  {'variant':<17} {'p50':>8} {'mean':>8} {'p99':>8}  per-round p50")
@@ -434,16 +542,52 @@ def print_report(r: dict) -> None:
         if prof:
             top = ", ".join(f"{o['op']} {o['share']:.0%} ({o['nodes']})" for o in prof["ops"][:8])
             click.echo(f"  profile, 0-level fast path ({prof['nodes_per_run']:.0f} nodes): {top}")
-    click.echo("\ntime to first token (ms, median of 3):")
-    for row in r["ttft"]:
-        click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
-    files = r["lmn"]["files"]
-    click.echo("\nmodel files: " + ", ".join(f"{k} {v['bytes'] / 1024:.0f} KB" for k, v in files.items() if k.startswith("model.")))
-    if r["quality"]:
+    if "ttft" in r:
+        click.echo("\ntime to first token (ms, median of 3):")
+        for row in r["ttft"]:
+            click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
+    if "lmn" in r:
+        files = r["lmn"]["files"]
+        click.echo("\nmodel files: " + ", ".join(f"{k} {v['bytes'] / 1024:.0f} KB" for k, v in files.items() if k.startswith("model.")))
+    if r.get("quality"):
         click.echo("\nheld-out bits per character (val split):")
         for row in r["quality"]:
             click.echo(f"  {row['model']:<5} positions {row['context']:<18} {row['bpc']:.4f} bpc over {row['tokens']:,} chars")
+    if "train" in r:
+        print_train(r)
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
+
+
+def print_decode(r: dict) -> None:
+    click.echo(f"threads {r['settings']['threads']}, batch 1, {r['settings']['tokens']} tokens x {r['settings']['reps']} reps "
+               f"after {r['settings']['warmup']} warm-up; text: {r['text']}\n")
+    click.echo(f"{'model':<6} {'layout':<11} {'context':>9} {'p50 us':>9} {'p99 us':>9} {'tok/s':>9} "
+               f"{'state bytes':>13} {'RSS MB':>8}  reached by")
+    for row in r["decode"]:
+        click.echo(f"{row['model']:<6} {row['layout']:<11} {row['n_ctx']:>9,} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
+                   f"{row['tokens_per_s']:>9,.0f} {row['state_bytes']:>13,} {row['rss_bytes'] / 2**20:>8.1f}  {row['reached_by']}")
+    nm = r["no_memory"]
+    sequential = r.get("memory_overhead_ratio_sequential", r["memory_overhead_ratio"])
+    click.echo(f"\nLMN without memory (same model and code, max_levels 1): p50 {nm['p50_us']:.1f} us; memory overhead "
+               f"{sequential:.2f}x vs the LMN at the first context, timed apart (interleaved figure: decode speed below)")
+
+
+def print_train(r: dict) -> None:
+    t, rows = r["settings"]["train"], r["train"]
+    device = rows[0]["device"] if rows else t["device"]
+    threads = f", {r['settings']['threads']} torch thread(s)" if device == "cpu" else ""
+    click.echo(f"\ntraining throughput (forward + backward + AdamW step, fp32, {device}{threads}; batch {t['batch']}; "
+               f"tokens/s, median of {t['rounds']} interleaved rounds of {t['steps']} steps):")
+    ratios = r["summary"].get("train_ratio", {})
+    from models.config import preset
+
+    for row in rows:
+        cfg = preset(row["preset"])
+        note = " (its position table)" if row["block"] < t["block"] else ""
+        line = f"  {row['preset']:<11} block {row['block']:>5}{note:<21} {row['tokens_per_s']:>10,.0f} tokens/s"
+        if row["preset"].startswith("gpt2") and str(cfg.n_embd) in ratios:
+            line += f"   LMN / GPT-2 at width {cfg.n_embd}: {ratios[str(cfg.n_embd)]:.2f}"
+        click.echo(line)
 
 
 def finite_json(value, where: str = "") -> tuple[object, list[str]]:
@@ -542,6 +686,28 @@ def parse_presets(ctx, param, text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_sections(ctx, param, text: str) -> tuple[str, ...]:
+    """Comma-separated section names, each kept once, in the order the sections run."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(SECTIONS))
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(SECTIONS)} (comma-separated)")
+    if not names:
+        raise click.BadParameter(f"give at least one section: comma-separated names from {', '.join(SECTIONS)}")
+    return tuple(name for name in SECTIONS if name in names)
+
+
+def check_device(ctx, param, name: str) -> str:
+    """A device this machine has (auto: picked when the train section runs)."""
+    if name in ("auto", "cpu"):
+        return name
+    import torch
+
+    if not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
+        raise click.BadParameter(f"{name} is not available on this machine; use auto or cpu")
+    return name
+
+
 def cannot_create_in(directory: Path) -> str | None:
     """Why no file can be created in `directory` (None: one can). Tries it: permission bits do
     not tell (root, read-only mounts, /proc); the probe file is removed at once."""
@@ -593,17 +759,22 @@ def check_plot_dir(ctx, param, path: Path | None) -> Path | None:
 
 def quick_settings(s: Settings, given: set[str]) -> Settings:
     """--quick's small run; every option given on the command line keeps its value. Decode speed
-    times the export being benchmarked (no preset exported) unless --speed-presets is given."""
+    times the export being benchmarked (no preset exported) unless --speed-presets is given; the
+    train section takes a few small steps (batch 4 x block 64, 2 rounds of 1 step)."""
     quick = {"contexts": (1024, 4096), "lmn_only_contexts": (16384,), "tokens": 50, "reps": 2}
     quick = {k: v for k, v in quick.items() if k not in given}
     presets = s.speed.presets if "speed_presets" in given else (EXPORT_PRESET,)
+    train = {"batch": 4, "block": 64, "steps": 1}
+    train = {k: v for k, v in train.items() if f"train_{k}" not in given}
     return dataclasses.replace(s, **quick, warmup=10, prompts=(64, 512), quality_chars=4096,
-                               speed=dataclasses.replace(s.speed, presets=presets, tokens=100, rounds=2))
+                               speed=dataclasses.replace(s.speed, presets=presets, tokens=100, rounds=2),
+                               train=dataclasses.replace(s.train, **train, rounds=2))
 
 
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads (and torch threads of the train section on the CPU).")
 @click.option("--contexts", default="1024,4096,16384,65536", show_default=True, callback=parse_contexts,
               help="Shared contexts (comma-separated token counts).")
 @click.option("--lmn-contexts", default="1048576", show_default=True, callback=parse_contexts,
@@ -614,17 +785,32 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
 @click.option("--speed-presets", default="logmem-32,logmem-128", show_default=True, callback=parse_presets,
               help=f"Presets for the decode-speed section (comma-separated; '{EXPORT_PRESET}': the export benchmarked, "
                    "at its own size; empty to skip it).")
-@click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text; "
-                                            "options given explicitly keep their values.")
+@click.option("--sections", default=",".join(DEFAULT_SECTIONS), show_default=True, callback=parse_sections,
+              help=f"Sections to run, comma-separated, from {', '.join(SECTIONS)} (train: training throughput of "
+                   "LMN and GPT-2 presets, not run by default; it needs no export).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, callback=check_device,
+              help="Device of the train section (auto: cuda, else mps, else cpu).")
+@click.option("--train-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Train section: batch size.")
+@click.option("--train-block", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Train section: tokens per sequence (a GPT-2 preset trains at most at its position table: GPT-2-128 at 256).")
+@click.option("--train-steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Train section: timed steps per preset in each of 5 interleaved rounds.")
+@click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text, "
+                                            "tiny training steps; options given explicitly keep their values.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=check_json_path,
               help="Write results as JSON.")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None, callback=check_plot_dir,
               help="Write PNG charts here.")
 @click.pass_context
-def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, quick, json_path, plot_dir):
-    """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache."""
+def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, sections, device,
+         train_batch, train_block, train_steps, quick, json_path, plot_dir):
+    """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache; with
+    `--sections train`, the training throughput of LMN and GPT-2 presets of the same width."""
+    if plot_dir and "decode" not in sections:
+        raise click.BadParameter("the charts plot the decode section; add decode to --sections", param_hint="'--plot'")
     s = Settings(threads=threads, contexts=contexts, lmn_only_contexts=lmn_contexts, tokens=tokens, reps=reps,
-                 step_all=step_all, speed=SpeedSettings(presets=speed_presets))
+                 step_all=step_all, speed=SpeedSettings(presets=speed_presets), sections=sections,
+                 train=TrainSettings(batch=train_batch, block=train_block, steps=train_steps, device=device))
     if quick:
         given = {name for name in ctx.params
                  if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}

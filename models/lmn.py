@@ -1,7 +1,8 @@
 """The LMN language model: `forward` (parallel mode) and `step` (sequential mode) share every layer.
 
 Shape letters: B batch, T time, V vocab, E width (n_embd), H heads, D head width, S memory nodes
-per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N layers.
+per layer (config.n_slots), A attention slots per layer (config.n_attn_slots), N layers; the parallel
+pass's slot table has R rows, and P, C, W are its rows, chunk and slots per chunk (models/memory.py).
 
 Reference: "Logarithmic Memory Networks (LMNs): Efficient Long-Range Sequence Modeling for
 Resource-Constrained Environments". Deliberate differences from the paper's code: the step
@@ -42,9 +43,10 @@ FOLD_MAX_WEIGHTS = 16384
 class SingleVectorAttention(nn.Module):
     """Multi-head attention of one query vector over a set of memory slots.
 
-    The math is split into `query`/`key_value` projections, `score` and `weigh`, so the parallel
-    pass can apply them per memory level without copying each level's keys to every position,
-    while the step applies the very same functions to its slot set.
+    The math is split into `query`/`key_value` projections, `score`, `normalize` and `weigh`, so the
+    parallel pass can score a chunk of positions against the slots they share in one product
+    (no per-position copy of the keys); the step reads its slot set through `read`, the same math
+    reassociated.
     """
 
     def __init__(self, n_embd: int, n_head: int):
@@ -66,21 +68,21 @@ class SingleVectorAttention(nn.Module):
 
     @staticmethod
     def score(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """q (..., 1, H, D) against k (..., A, H, D) -> (..., A, H)."""
-        return (q * k).sum(-1)
+        """Queries q (..., P, D) against keys k (..., A, D) -> scores (..., P, A) (heads in `...`)."""
+        return q @ k.transpose(-1, -2)
 
     @staticmethod
     def normalize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Softmax over the valid slots only: scores (..., A, H), valid (..., A) -> weights (..., A, H).
+        """Softmax over the valid slots only: scores (..., P, A), valid broadcastable to it -> weights (..., P, A).
 
         Level 0 is always valid, so no row is empty.
         """
-        return torch.softmax(torch.where(valid.unsqueeze(-1), scores, float("-inf")), dim=-2)
+        return torch.softmax(torch.where(valid, scores, float("-inf")), dim=-1)
 
     @staticmethod
     def weigh(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """weights (..., A, H) and values (..., A, H, D) -> (..., H, D)."""
-        return (weights.unsqueeze(-1) * v).sum(-3)
+        """weights (..., P, A) and values (..., A, D) -> (..., P, D)."""
+        return weights @ v
 
     def output(self, mixed: torch.Tensor) -> torch.Tensor:
         """(..., H, D) -> (..., E)."""
@@ -138,33 +140,26 @@ class LMNBlock(nn.Module):
         self.norm_ff = RMSNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.ff_mult)
 
-    def forward(self, x: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, E), last: (B,) -> (B, T, E) and the nodes left after position `last` (B, S, E).
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, T, E), last: (B,) -> (B, T, E) and the nodes left after position `last` (B, S, E)
+        (None without `last`).
 
-        Level i's keys and values are computed once per block and met by the positions that see
-        that block through `group` (no per-position copies); the softmax spans all levels at once.
+        Every slot (each token, each level's widened summaries) is projected once, in one table;
+        positions go by chunks of C rows, which share their slots, so one product per chunk and
+        head scores all levels and one softmax spans them (see `SlotLayout`).
         """
-        T = x.shape[1]
         attn, memory = self.attn, self.memory
+        anchor = None if last is None else (last[:1] * 0).sum()  # () int64 zero from a graph input (see slot_layout)
+        layout = memory.slot_layout(x.shape[1], x.device, anchor)
         h = self.norm_attn(x)
-        q = attn.query(h)  # (B, T, H, D)
         tree = memory.tree(h)  # [(B, n_i, K, E)]
-        k, v = attn.key_value(h)  # level 0: (B, T, H, D)
-        values = [v]
-        scores = [attn.score(q, k).unsqueeze(2)]  # (B, T, 1, H)
-        for i, summaries in enumerate(tree, start=1):
-            k, v = (memory.blocks_by_group(t) for t in attn.key_value(memory.widen(summaries)))  # (B, G, KX, H, D)
-            values.append(v)
-            grouped_q = memory.group(q, 2**i).unsqueeze(3)  # (B, G, 2^i, 1, H, D)
-            scores.append(memory.ungroup(attn.score(grouped_q, k.unsqueeze(2)), T))  # (B, T, KX, H)
-        valid = memory.valid(torch.arange(T, device=x.device))  # (T, A)
-        weights = attn.normalize(torch.cat(scores, dim=2), valid)  # (B, T, A, H)
-        per_level = weights.split([1] + [s.shape[2] for s in scores[1:]], dim=2)
-        mixed = attn.weigh(per_level[0], values[0].unsqueeze(2))  # (B, T, H, D)
-        for i, (w, v) in enumerate(zip(per_level[1:], values[1:]), start=1):
-            mixed = mixed + memory.ungroup(attn.weigh(memory.group(w, 2**i), v.unsqueeze(2)), T)
-        x = x + attn.output(mixed)
-        return x + self.ff(self.norm_ff(x)), memory.nodes_at(h, tree, last)
+        table = memory.slot_table(h, tree, layout)  # (B, R, E)
+        q = memory.chunk_rows(attn.query(h), layout)  # (B, T, H, D) -> (B, H, P/C, C, D)
+        k, v = (memory.chunk_slots(t, layout) for t in attn.key_value(table))  # (B, R, H, D) -> (B, H, P/C, W, D)
+        weights = attn.normalize(attn.score(q, k), layout.valid)  # (B, H, P/C, C, W)
+        x = x + attn.output(memory.positions(attn.weigh(weights, v), layout))  # (B, T, H, D) -> (B, T, E)
+        nodes = None if last is None else memory.nodes_at(h, tree, last)
+        return x + self.ff(self.norm_ff(x)), nodes
 
     def step(self, x: torch.Tensor, nodes: torch.Tensor, masks: StepMasks, levels: int):
         """x: (B, E), nodes: (B, S*E) flattened, masks from `LogMemory.step_masks`, `levels` as in
@@ -205,12 +200,13 @@ class LMN(nn.Module):
         (default: all T), exactly what `step` would have left; later tokens do not affect it.
         """
         B, T = tokens.shape
-        if lengths is None:
+        if return_state and lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=tokens.device)
+        last = lengths - 1 if return_state else None  # no state asked for: no nodes read off
         x = self.embed(tokens)  # (B, T, E)
         memory = []
         for block in self.blocks:
-            x, nodes = block(x, lengths - 1)
+            x, nodes = block(x, last)
             memory.append(nodes)  # (B, S, E)
         logits = self.head(self.norm_out(x))
         if not return_state:

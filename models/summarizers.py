@@ -41,12 +41,20 @@ class PairSummarizer(nn.Module):
         K, E = self.n_bank, self.n_embd
         return weight.view(2, K, E, K * E).sum(1).flatten(0, 1)
 
+    def pairs(self, pair: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The summary of flattened pairs: pair (N, 2*K*E) [older banks, newer banks] -> (N, K*E), with
+        `affine` = `pair_affine()` (or its `token_pair_weight` and bias, for token pairs (N, 2E)).
+
+        The parallel pass reads a level's consecutive nodes 2j, 2j+1 as one row of a view, so no
+        pair is copied."""
+        weight, bias = affine
+        return pair @ weight + bias
+
     def forward(self, older: torch.Tensor, newer: torch.Tensor,
                 affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """older, newer: (N, K, E) -> (N, K, E); `affine`: `pair_affine()`, when the caller reuses it."""
-        weight, bias = affine if affine is not None else self.pair_affine()
         pair = torch.cat([older.flatten(-2), newer.flatten(-2)], dim=-1)  # (N, 2*K*E)
-        return (pair @ weight + bias).unflatten(-1, older.shape[-2:])  # (N, K, E)
+        return self.pairs(pair, affine if affine is not None else self.pair_affine()).unflatten(-1, older.shape[-2:])
 
 
 class LinearSummarizer(PairSummarizer):

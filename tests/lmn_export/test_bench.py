@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import struct
 import subprocess
@@ -17,12 +18,14 @@ from click.testing import CliRunner
 
 import runtime
 from lmn_export import bench
-from lmn_export.bench import (KVConcatStepper, KVRowsStepper, Settings, Timing, finite_json, gpt_positions, main,
-                              parse_contexts, parse_presets, results_json, run, session, summarize)
+from lmn_export.bench import (SECTIONS, KVConcatStepper, KVRowsStepper, Settings, Timing, finite_json, gpt_positions,
+                              main, parse_contexts, parse_presets, parse_sections, results_json, run, session, summarize,
+                              train_block)
 from lmn_export.decode_speed import (NO_MEMORY, SpeedSettings, export_no_memory, profile_graph, python_overhead_us,
                                      steppers, time_interleaved)
 from lmn_export.onnx_export import export_kv_layout
 from models import GPT, GPTConfig
+from models.config import preset
 from runtime.atomic import TEMP_MARK
 
 
@@ -261,6 +264,13 @@ BAD_ARGUMENTS = {  # arguments -> the option the one-line error must name
     "plot-is-a-file": (["--plot", "{tmp}/file.txt"], "--plot"),
     "plot-under-a-file": (["--plot", "{tmp}/file.txt/charts"], "--plot"),
     "plot-not-creatable": (["--plot", "{locked}/charts"], "--plot"),
+    "sections-unknown": (["--sections", "decode,training"], "--sections"),
+    "sections-empty": (["--sections", " , "], "--sections"),
+    "plot-without-decode": (["--sections", "train", "--plot", "{tmp}/charts"], "--plot"),  # nothing to chart
+    "device-unknown": (["--device", "tpu"], "--device"),
+    "train-batch-zero": (["--train-batch", "0"], "--train-batch"),
+    "train-block-one": (["--train-block", "1"], "--train-block"),  # a step needs a next token to predict
+    "train-steps-zero": (["--train-steps", "0"], "--train-steps"),
 }
 
 
@@ -337,3 +347,60 @@ def test_non_finite_numbers_are_written_as_null_and_listed():
     assert strict_json(text) == {"a": 1.5, "b": [None, 2], "c": {"d": None, "e": 3, "f": True}, "g": "x", "h": [None],
                                  "non_finite": ["b[0]", "c.d", "h[0]"]}
     assert replaced == ["b[0]", "c.d", "h[0]"] and finite_json({"ok": 1.0}) == ({"ok": 1.0}, [])
+
+
+# --- the train section ------------------------------------------------------------------------------
+
+def test_sections_are_checked_names_in_run_order():
+    param = {p.name: p for p in main.params}["sections"]
+    assert parse_sections(None, param, "train, decode,train") == ("decode", "train")
+    assert param.default == "decode,ttft,speed,quality" and SECTIONS[-1] == "train"  # train: asked for, never by default
+    with pytest.raises(Exception, match="unknown 'decoding'"):
+        parse_sections(None, param, "decoding")
+
+
+def test_gpt2_128_trains_at_its_position_table():
+    assert train_block(preset("gpt2-128"), 512) == 256 and train_block(preset("gpt2-32"), 512) == 512
+    assert train_block(preset("logmem-128"), 4096) == 4096 and train_block(preset("gpt2-128"), 32) == 32
+
+
+def test_train_section_at_a_tiny_size(tmp_path):
+    """`lmn-bench --sections train` at batch 2 x block 32, 2 steps per round: no export is loaded, every
+    preset pair is timed, the ratios are the quotients of the rows, and the JSON is standard."""
+    out = tmp_path / "train.json"
+    r = CliRunner().invoke(main, [str(tmp_path / "no-export"), "--sections", "train", "--train-batch", "2",
+                                  "--train-block", "32", "--train-steps", "2", "--device", "cpu", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = strict_json(out.read_text())
+    assert set(data) == {"machine", "settings", "train", "summary", "non_finite"} and data["non_finite"] == []
+    assert data["settings"]["sections"] == ["train"]
+    assert data["settings"]["train"] == {"batch": 2, "block": 32, "steps": 2, "rounds": 5, "device": "cpu"}
+    rows = {row["preset"]: row for row in data["train"]}
+    assert list(rows) == ["logmem-32", "gpt2-32", "logmem-128", "gpt2-128"]
+    for name, row in rows.items():
+        assert {"preset", "device", "precision", "batch", "block", "tokens_per_s"} <= set(row), name
+        assert (row["device"], row["precision"], row["batch"], row["block"]) == ("cpu", "fp32", 2, 32), name
+        assert isinstance(row["tokens_per_s"], float) and math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+        assert len(row["round_tokens_per_s"]) == 5 and row["tokens_per_s"] in row["round_tokens_per_s"]  # median of 5
+    ratio = data["summary"]["train_ratio"]
+    assert set(ratio) == {"32", "128"}
+    for width in ("32", "128"):
+        assert ratio[width] == pytest.approx(rows[f"logmem-{width}"]["tokens_per_s"] / rows[f"gpt2-{width}"]["tokens_per_s"],
+                                             rel=1e-12)
+    assert "training throughput" in r.output and "LMN / GPT-2 at width 128" in r.output
+    assert "decode" not in data and "no export folder" not in r.output  # the export sections did not run
+
+
+def test_train_section_says_when_gpt2_trains_at_a_shorter_block(monkeypatch):
+    """At the default block 512, GPT-2-128 trains at 256 (its position table), and the report says so."""
+    r = {"settings": {"threads": 1, "train": {"batch": 16, "block": 512, "steps": 3, "rounds": 5, "device": "cpu"}},
+         "train": [{"preset": name, "device": "cpu", "precision": "fp32", "batch": 16, "block": block, "tokens_per_s": tps}
+                   for name, block, tps in (("logmem-128", 512, 3.0), ("gpt2-128", 256, 4.0))],
+         "machine": {"cpu": "x", "cores": 2, "os": "y", "numpy": "1", "onnxruntime": "1"}}
+    r["summary"] = summarize(r)
+    assert r["summary"] == {"train_ratio": {"128": 0.75}}
+    lines = []
+    monkeypatch.setattr(bench.click, "echo", lambda text="", **kw: lines.append(text))
+    bench.print_report(r)
+    gpt = next(line for line in lines if "gpt2-128" in line)
+    assert "block   256 (its position table)" in gpt and "LMN / GPT-2 at width 128: 0.75" in gpt
