@@ -8,10 +8,8 @@ exactly (tolerance 0): the same graph on the same inputs gives the same floats.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,8 @@ import pytest
 import runtime
 from runtime import ByteVocab, ManifestError, StateFileError, Stream, UnknownCharacterError
 from runtime.manifest import seal
+
+from .state_files import forge
 
 WIDE = "é中😀"  # 2, 3 and 4 UTF-8 bytes
 
@@ -172,17 +172,6 @@ def test_a_state_saved_mid_character_restores_it_exactly(byte_export, tmp_path):
     probe.load(tmp_path / "mid.state")
     assert probe.decoder.decode(0xAD) == "中"
     assert Stream(model).decoder.decode(0xAD) == "\ufffd"  # negative control: without the held bytes
-
-
-def forge(path: Path, change) -> None:
-    """Rewrite a state file's header with `change` applied and a valid checksum."""
-    data = path.read_bytes()[:-32]
-    (n,) = struct.unpack("<I", data[8:12])
-    header = json.loads(data[12 : 12 + n])
-    change(header)
-    head = json.dumps(header, sort_keys=True).encode()
-    body = data[:8] + struct.pack("<I", len(head)) + head + data[12 + n :]
-    path.write_bytes(body + hashlib.sha256(body).digest())
 
 
 def test_state_files_without_pending_bytes_load_and_bad_ones_are_refused(byte_export, tmp_path):

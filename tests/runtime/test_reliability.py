@@ -5,12 +5,10 @@ Each test asserts the error a user sees and that nothing changed or was half-wri
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +22,8 @@ from runtime import ContextFullError, ManifestError, StateFileError, Stream
 from runtime.atomic import TEMP_MARK, write_atomic
 from runtime.chat import Chat
 from runtime.manifest import seal
+
+from .state_files import forge
 
 PROMPT = "To be, or not to be: that is the question:\n"
 
@@ -150,17 +150,6 @@ except runtime.StateFileError as e:
     restored.load(tmp_path / "a.state")
     assert restored.tokens_seen == len("To be")
     assert leftovers(tmp_path) == []
-
-
-def forge(path: Path, change) -> None:
-    """Rewrite a state file's header with `change` applied and a valid checksum (a hand-crafted file)."""
-    data = path.read_bytes()[:-32]
-    (n,) = struct.unpack("<I", data[8:12])
-    header = json.loads(data[12 : 12 + n])
-    change(header)
-    head = json.dumps(header, sort_keys=True).encode()
-    body = data[:8] + struct.pack("<I", len(head)) + head + data[12 + n :]
-    path.write_bytes(body + hashlib.sha256(body).digest())
 
 
 @pytest.mark.parametrize("change, message", [

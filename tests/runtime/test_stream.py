@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime import BackendError, ManifestError, StateFileError, Stream, UnknownCharacterError
+from runtime import ManifestError, StateFileError, Stream, UnknownCharacterError
 
 PROMPT = "To be, or not to be: that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
