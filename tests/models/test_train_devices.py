@@ -27,7 +27,8 @@ from models.checkpoint import finite_weights, load, plain_key, save
 from models import build_model
 from models.config import ConfigError, preset
 from models.data import CharVocab, Corpus
-from models.train import TrainSettings, backend_for, evaluate, main, resolve_device
+from models.devices import backend_for, mps_available, resolve_device
+from models.train import TrainSettings, evaluate, main
 
 from .train_cli import QUICK, one_line_error, train
 
@@ -143,7 +144,7 @@ def test_unavailable_device_and_fp16_on_cpu_are_one_line(tmp_path, text_file):
 def test_device_auto_picks_cpu_here_and_records_it(tmp_path, text_file, monkeypatch):
     log = trained(tmp_path / "run", text_file, "--steps", "1", "--device", "auto")
     facts = json.loads((tmp_path / "run" / "config.json").read_text())["training"]
-    want = "cuda" if torch.cuda.is_available() else "mps" if train_module.mps_available() else "cpu"
+    want = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     assert facts["device"] == log[-1]["device"] == want and facts["settings"]["device"] == "auto"
     assert {k: facts[k] for k in ("precision", "grad_accum", "compile", "world_size")} == \
         {"precision": "fp32", "grad_accum": 1, "compile": False, "world_size": 1}
