@@ -78,10 +78,7 @@ def write_atomic(path: Path | str, data: bytes | str) -> int:
     """Write `data` (str as UTF-8) to `path` atomically; returns the bytes written."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(payload)  # atomic_path fsyncs it before the rename
     return len(payload)
 
 

@@ -28,6 +28,13 @@ from .state_files import forge
 PROMPT = "To be, or not to be: that is the question:\n"
 
 
+def continuation(model, max_tokens: int, **kw) -> str:
+    """What a fresh stream generates after PROMPT."""
+    s = Stream(model)
+    s.feed(PROMPT)
+    return "".join(s.generate(max_tokens, **kw))
+
+
 def snapshot(stream: Stream):
     return ({k: v.copy() for k, v in stream.stepper.state.items()}, stream.tokens_seen,
             None if stream.logits is None else stream.logits.copy())
@@ -281,9 +288,7 @@ def test_a_plain_stop_string_is_one_string(export_dir):
     model = runtime.load(export_dir)
 
     def run(stop):
-        s = Stream(model)
-        s.feed(PROMPT)
-        return "".join(s.generate(300, temperature=1.0, seed=11, stop=stop))
+        return continuation(model, 300, temperature=1.0, seed=11, stop=stop)
 
     free = run(())
     # a two-character stop string whose first character occurs earlier on its own
@@ -298,9 +303,7 @@ def test_top_k_one_is_greedy(export_dir):
     model = runtime.load(export_dir)
 
     def run(**kw):
-        s = Stream(model)
-        s.feed(PROMPT)
-        return "".join(s.generate(60, **kw))
+        return continuation(model, 60, **kw)
 
     greedy = run(temperature=0)
     assert run(temperature=1.0, top_k=1, seed=5) == greedy == run(temperature=3.0, top_k=1, seed=6)
@@ -311,9 +314,7 @@ def test_tiny_temperatures_are_greedy_not_nan(export_dir):
     model = runtime.load(export_dir)
 
     def run(**kw):
-        s = Stream(model)
-        s.feed(PROMPT)
-        return "".join(s.generate(40, **kw))
+        return continuation(model, 40, **kw)
 
     assert run(temperature=1e-320, seed=1) == run(temperature=0)
 
