@@ -18,9 +18,7 @@ import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-e
 import torch
 
 import runtime.manifest as manifest_schema
-from runtime.backends import fast_path_levels
 from runtime.atomic import remove_stale_folders, staged_folder, write_atomic
-from runtime.model import open_session
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from models.data import vocab_fields
@@ -29,6 +27,7 @@ from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
+from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES, export_precision
 from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_parity,
                        start_pointers, stream_parity, stream_tokens)
@@ -69,38 +68,6 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.reports)
-
-
-class OnnxPredictor:
-    """An onnxruntime session called with and returning dicts of numpy arrays."""
-
-    runner = "onnxruntime"
-
-    def __init__(self, path: Path, threads: int = 1):
-        self.session = open_session(path, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
-
-
-class FastPathPredictor:
-    """The general step graph plus the fast paths, picked per call from the pointers as the runtime does."""
-
-    runner = "onnxruntime"
-
-    def __init__(self, general: OnnxPredictor, fast: dict[int, OnnxPredictor], max_levels: int):
-        self.general, self.fast, self.max_levels = general, fast, max_levels
-        self.session = general.session  # inputs and outputs are the same in every graph
-        self.used: dict[int, int] = {}  # levels -> calls served by that fast path
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        levels = {fast_path_levels(int(p), self.max_levels) for p in inputs["pointer"]}
-        if len(levels) == 1 and (k := levels.pop()) in self.fast:
-            self.used[k] = self.used.get(k, 0) + 1
-            return self.fast[k].predict(inputs)
-        return self.general.predict(inputs)
 
 
 def state_bytes(spec_dict: dict) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.atomic import atomic_path, write_atomic
+from .predictors import FastPathPredictor, OnnxPredictor
 from .validate import START_POINTERS, OutputDiff, ParityReport
 
 QUANTIZE_CHOICES = ("int4", "int8", "dynamic-int8")
@@ -384,7 +385,6 @@ class _Judge:
 
     def __init__(self, work: Path, fp32: list[dict], text_ids: list[int], tokens: int, precision: str,
                  max_levels: int):
-        from .export import FastPathPredictor, OnnxPredictor
 
         self.work, self.precision = work, precision
         self.text_ids, self.tokens, self.gate, self.max_levels = text_ids, tokens, GATES[precision], max_levels

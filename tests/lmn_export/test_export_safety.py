@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from lmn_export import onnx_export
 from lmn_export.cli import main
-from lmn_export.export import ExportOptions, OnnxPredictor, export
+from lmn_export.export import ExportOptions, export
+from lmn_export.predictors import OnnxPredictor
 from lmn_export.onnx_export import ExportError
 from runtime.atomic import STAGING_MARK, remove_stale_folders as remove_stale
 from lmn_export.validate import prefill_parity, stream_parity, stream_tokens

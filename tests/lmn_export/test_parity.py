@@ -9,7 +9,8 @@ import pytest
 
 from lmn_export import coreml_export, onnx_export
 from lmn_export.coreml_run import MIL, load_coreml
-from lmn_export.export import ExportOptions, OnnxPredictor, export
+from lmn_export.export import ExportOptions, export
+from lmn_export.predictors import OnnxPredictor
 from lmn_export.validate import (AtolError, NameMismatchError, OutputDiff, ParityReport, check_names,
                                  start_pointers, stream_parity, stream_tokens)
 from models import GPT, GPTConfig
@@ -140,7 +141,7 @@ def test_coreml_fp16_within_documented_bound(tmp_path):
 def test_fast_paths_stream_with_parity(name, tmp_path):
     """Fast-path graphs (exactly k levels, full memory), picked per token as the runtime picks them,
     stream what the PyTorch step streams; every k is exercised from each start pointer."""
-    from lmn_export.export import FastPathPredictor
+    from lmn_export.predictors import FastPathPredictor
 
     model = tiny_model(**VARIANTS[name])
     levels = model.config.max_levels
@@ -160,7 +161,7 @@ def test_fast_paths_stream_with_parity(name, tmp_path):
 def test_fast_path_at_the_wrong_pointer_fails_parity(tmp_path):
     """Negative control: the 0-level fast path run where a level re-summarizes leaves a stale
     summary, which the parity check catches (so the dispatch rule is what makes fast paths right)."""
-    from lmn_export.export import FastPathPredictor
+    from lmn_export.predictors import FastPathPredictor
 
     model = tiny_model()
     spec = onnx_export.export_step(model, tmp_path / "step.onnx")
