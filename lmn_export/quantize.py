@@ -66,6 +66,12 @@ GATES = {"int8": Gate(0.98, 0.01), "int4": Gate(0.90, 0.05), "dynamic-int8": Gat
 HEADROOM = Gate(min_agreement=0.01, max_loss_increase=0.2)  # + 1 point of agreement; 20% of the loss budget
 
 
+# What MatMulNBits does with its activations, by accuracy_level: a client with another int8 kernel
+# (or none) computes something else, so lmn.json says it (quantization.activations).
+ACTIVATIONS = {4: "int8, quantized at run time per block of the input row (MatMulNBits accuracy_level 4)",
+               0: "fp32 (MatMulNBits accuracy_level 0: dequantized weights, fp32 compute)",
+               1: "fp32 (MatMulNBits accuracy_level 1)"}
+
 def quantized_name(file: str, precision: str) -> str:
     """`model.onnx` -> `model.int4.onnx` (the manifest, not this name, says what a file is)."""
     return f"{file.removesuffix('.onnx')}.{precision}.onnx"
@@ -316,17 +322,20 @@ def _drop_unused_initializers(model) -> None:
 
 
 def float_weights(model) -> list[tuple[str, str]]:
-    """(op type, initializer) of every weight matrix still read in fp32 (an input of MatMul, Gemm or Gather)."""
+    """(op type, initializer) of every float matrix (2-D or more) the graph still reads in fp32, whatever
+    reads it: a weight reshaped per head before its MatMul (k_proj, v_proj, out_proj in the fast paths)
+    is one the quantizer cannot reach, and the manifest must say so."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in model.graph.initializer}
     found = set()
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS:
-            for name in node.input:
-                t = inits.get(name)
-                if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
-                    found.add((node.op_type, name))
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeLinear", "MatMulInteger"):
+            continue  # quantized already: their float inputs are scales
+        for name in node.input:
+            t = inits.get(name)
+            if t is not None and t.data_type == TensorProto.FLOAT and sum(d > 1 for d in t.dims) >= 2:  # a matrix
+                found.add((node.op_type, name))
     return sorted(found)
 
 
@@ -351,7 +360,8 @@ def quantize_weight_only(source: Path, target: Path, precision: str, block: int,
             "ops": {op: sum(n.op_type == op for n in model.graph.node) for op in ("MatMulNBits", "GatherBlockQuantized")},
             "moved_up": {"to": "int8" if FALLBACK[bits] == 8 else "fp32", "weights": moved},
             "fp32_ops": sorted({op for op, _ in left}), "fp32_weights": [name for _, name in left],
-            "note": "activations, biases, norms and the memory state stay fp32"}
+            "activations": ACTIVATIONS.get(accuracy_level, "fp32"),
+            "note": "biases, norms and the memory state stay fp32"}
 
 
 def quantize_dynamic_file(source: Path, target: Path) -> dict:
@@ -362,7 +372,8 @@ def quantize_dynamic_file(source: Path, target: Path) -> dict:
     with atomic_path(target) as tmp, _quiet():
         quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
     left = float_weights(onnx.load(str(target)))
-    return {"kind": "dynamic", "bits": 8, "method": "quantize_dynamic", "weights": "int8", "activations": "uint8, per call",
+    return {"kind": "dynamic", "bits": 8, "method": "quantize_dynamic", "weights": "int8",
+            "activations": "uint8, quantized at run time per call (DynamicQuantizeLinear, per tensor)",
             "fp32_ops": sorted({op for op, _ in left}), "fp32_weights": [name for _, name in left]}
 
 

@@ -96,26 +96,30 @@ class SingleVectorAttention(nn.Module):
         score_h(s) = (W_k,h^T q_h) . s + (a term constant over slots, which the softmax ignores),
         and weights_h @ v_h = W_v,h (weights_h @ S) + b_v,h because each head's weights sum to 1.
         Small models multiply the per-head factors into one matrix each (fewer operators); large
-        ones keep them apart (half the weight bytes read per token).
+        ones keep them apart (half the weight bytes read per token), each weight read whole by one
+        2-D product (the form weight-only quantizers take) that also makes the other heads' unused
+        cross terms, dropped by a 0/1 head mask.
         """
         H, E = self.n_head, self.q_proj.in_features
         fold = H * E * E <= FOLD_MAX_WEIGHTS
-        w_q, w_k, w_v = (p.weight.view(H, -1, E) for p in (self.q_proj, self.k_proj, self.v_proj))  # (H, D, E)
         if fold:
+            w_q, w_k, w_v = (p.weight.view(H, -1, E) for p in (self.q_proj, self.k_proj, self.v_proj))  # (H, D, E)
             w_qk = (w_q.transpose(1, 2) @ w_k * self.scale).transpose(0, 1).flatten(1)  # (E, H*E)
             b_qk = (self.q_proj.bias.view(H, 1, -1) @ w_k).flatten() * self.scale  # (H*E,)
             qk = (h @ w_qk + b_qk).unflatten(-1, (H, E))  # (B, H, E)
         else:
-            qk = (self.query(h).unsqueeze(-2) @ w_k).squeeze(-2)  # (B, H, 1, D) @ (H, D, E) -> (B, H, E)
+            own = torch.eye(H, dtype=torch.bool, device=h.device).unsqueeze(-1)  # (H, H, 1): head i's own block j = i
+            q_rows = torch.where(own, self.query(h).unsqueeze(-3), 0.0).flatten(-2)  # (B, 1, H, D) -> (B, H, H*D): row i holds q_i in head i's columns
+            qk = q_rows @ self.k_proj.weight  # (B, H, H*D) @ (H*D, E) -> (B, H, E): row i is W_k,i^T q_i
         scores = qk @ slots.transpose(-1, -2)  # (B, H, A)
         weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
         mixed = weights @ slots  # (B, H, E)
-        w_o = self.out_proj.weight.view(E, H, -1).permute(1, 2, 0)  # (H, D, E)
-        b_out = self.out_proj(self.v_proj.bias)  # (E,): the value bias, projected
         if fold:
+            w_o = self.out_proj.weight.view(E, H, -1).permute(1, 2, 0)  # (H, D, E)
+            b_out = self.out_proj(self.v_proj.bias)  # (E,): the value bias, projected
             return mixed.flatten(-2) @ (w_v.transpose(1, 2) @ w_o).flatten(0, 1) + b_out  # (B, H*E) @ (H*E, E)
-        per_head = (mixed.unsqueeze(-2) @ w_v.transpose(1, 2)).squeeze(-2)  # (B, H, 1, E) @ (H, E, D) -> (B, H, D)
-        return per_head.flatten(-2) @ self.out_proj.weight.T + b_out
+        every = self.v_proj(mixed.flatten(0, 1)).view(-1, H, H, E // H)  # (B*H, E) -> (B, H, H, D): every head's values of each row
+        return self.output(torch.where(own, every, 0.0).sum(-2))  # (B, H, D): head i's own values of row i -> (B, E)
 
 
 class FeedForward(nn.Module):

@@ -128,3 +128,63 @@ def test_scrambled_int4_scales_fail_the_gate_and_write_nothing(checkpoint, tmp_p
     assert not report.passed and report.extra["agreement"] < 0.9, report.extra
     assert all(r.passed for r in result.reports if r is not report)  # only the scrambled graph failed
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def _step_logits(model, ids: list[int], start: int = 0) -> np.ndarray:
+    """PyTorch's step over `ids` from an empty memory at pointer `start` -> logits (T, V)."""
+    import torch
+
+    state, out = model.init_state(1), []
+    state.pointer.fill_(start)
+    with torch.no_grad():
+        for token in ids:
+            logits, state = model.step(torch.tensor([token]), state)
+            out.append(logits[0].numpy())
+    return np.stack(out)
+
+
+def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
+    """A model too wide to fold its attention (logmem-128 and up) reads k_proj, v_proj and out_proj
+    each as the constant 2-D operand of one product, so weight-only quantization takes every weight
+    matrix of the 0-level fast path and every attention weight of the general step (whose summarizer
+    weight, sliced into a block-diagonal matrix in the graph, stays fp32 and listed); both fp32
+    graphs match PyTorch within 1e-4 (float rounding, ~1e-6 here). Negative control: k_proj reaching
+    its MatMul through a Transpose, the form that defeated the quantizer, is left fp32 and listed."""
+    import models.lmn
+    from lmn_export import onnx_export
+    from lmn_export.predictors import FastPathPredictor, OnnxPredictor
+    from lmn_export.quantize import _stream
+    from lmn_export.validate import START_POINTERS
+
+    from .conftest import tiny_model
+
+    monkeypatch.setattr(models.lmn, "FOLD_MAX_WEIGHTS", 0)  # the unfolded read at a tiny size
+    model = tiny_model(n_embd=64, n_head=4)
+    L = model.config.n_layer
+    ids = [int(i) for i in np.random.default_rng(0).integers(model.config.vocab_size, size=20)]
+    want, far = _step_logits(model, ids), _step_logits(model, ids, START_POINTERS[1])  # far: where fast paths run
+    other = _step_logits(tiny_model(seed=1, n_embd=64, n_head=4), ids)
+    assert np.abs(other - want).max() > 100 * 1e-4  # control: the bound tells other weights apart
+    onnx_export.export_step(model, tmp_path / "step.onnx")
+    onnx_export.export_step(model, tmp_path / "fast0.onnx", levels=0, full=True)
+    general = OnnxPredictor(tmp_path / "step.onnx")
+    assert np.abs(_stream(general, ids) - want).max() < 1e-4
+    fast = FastPathPredictor(general, {0: OnnxPredictor(tmp_path / "fast0.onnx")}, model.config.max_levels)
+    assert np.abs(_stream(fast, ids, START_POINTERS[1]) - far).max() < 1e-4 and fast.used.get(0)  # the 0-level graph ran
+
+    summary = quantize_weight_only(tmp_path / "fast0.onnx", tmp_path / "fast0.int4.onnx", "int4", 32)
+    assert summary["fp32_weights"] == [], summary["fp32_weights"]
+    assert summary["ops"]["MatMulNBits"] == 6 * L + 1  # q, k, v, out, ff up, ff down per layer; the head
+    summary = quantize_weight_only(tmp_path / "step.onnx", tmp_path / "step.int4.onnx", "int4", 32)
+    assert not [w for w in summary["fp32_weights"] if ".attn." in w], summary["fp32_weights"]
+    assert {w for w in summary["fp32_weights"] if w.startswith("model.")} == {
+        f"model.blocks.{i}.memory.summarize.weight" for i in range(L)}
+
+    fp32 = onnx.load(str(tmp_path / "fast0.onnx"))
+    weight = "model.blocks.0.attn.k_proj.weight"
+    init = next(t for t in fp32.graph.initializer if t.name == weight)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).T.copy(), weight + "_t"))
+    fp32.graph.node.insert(0, helper.make_node("Transpose", [weight + "_t"], [weight], name="k_transposed"))
+    onnx.save(fp32, str(tmp_path / "t.onnx"))
+    summary = quantize_weight_only(tmp_path / "t.onnx", tmp_path / "t.int4.onnx", "int4", 32)
+    assert summary["fp32_weights"] == [weight + "_t"]
