@@ -112,7 +112,7 @@ def print_summary(result) -> None:
         click.echo(f"  {name:<32} {_human(facts['bytes']):>10}")
     span = ("constant, any length" if m["model"]["arch"] == "lmn"
             else f"a KV cache for at most {m['model']['block_size']} tokens")
-    click.echo(f"  state per stream: {m['state_bytes_per_stream']:,} bytes ({span})")
+    click.echo(f"  state per stream: {m['state']['bytes_per_stream']:,} bytes ({span})")
     click.echo(f"parity vs PyTorch ({m['parity']['text']}):")
     for r in result.reports:
         status = "ok  " if r.passed else "FAIL"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models import LMN, GPT, LMNConfig, StepState
-from .graphs import (BATCH, MEMORY_LAYOUT, POINTER_LAYOUT, GraphSpec, StateSpec, TensorSpec, example_state,
+from .graphs import (BATCH, MEMORY_LAYOUT, POINTER_LAYOUT, GraphSpec, StateSpec, TensorSpec, example_state, state_tensor,
                      step_graph, step_spec)
 from .onnx_export import MAX_BATCH, ExportError
 
@@ -116,9 +116,10 @@ def stateful_spec(cfg: LMNConfig) -> GraphSpec:
     """The step's I/O with `memory` as an fp16 state of batch 1 (validation reads it back as memory_out)."""
     shape = (1, cfg.n_layer, cfg.n_slots, cfg.n_embd)
     return GraphSpec(
-        inputs=(TensorSpec("token", (1,), "int32"), TensorSpec("memory", shape, "float16"), TensorSpec("pointer", (1,), "int32")),
-        outputs=(TensorSpec("logits", (1, cfg.vocab_size), "float32"), TensorSpec("memory_out", shape, "float16"),
-                 TensorSpec("pointer_out", (1,), "int32")),
+        inputs=(TensorSpec("token", (1,), "int32", "token"), state_tensor("memory", shape, "float16", "memory"),
+                state_tensor("pointer", (1,), "int32", "pointer")),
+        outputs=(TensorSpec("logits", (1, cfg.vocab_size), "float32", "logits"),
+                 state_tensor("memory_out", shape, "float16", "memory"), state_tensor("pointer_out", (1,), "int32", "pointer")),
         state=(StateSpec("memory", "memory_out", MEMORY_LAYOUT + " (Core ML StateType, fp16)"),
                StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
     )

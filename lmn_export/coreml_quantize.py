@@ -183,7 +183,8 @@ def export_quantized(model, work: Path, options, source: Path, spec: GraphSpec, 
         predictor, runner = load_coreml(work / name)
         progress(f"checking Core ML {kind} next-token agreement over {len(ids) - 1} tokens with {runner}")
         reports.append(judge(want, stream_logits(predictor, spec, ids[:-1]), ids[1:], kind, runner))
-        quantization = {"kind": "weight-only", "bits": fmt.bits, "granularity": fmt.granularity,
+        quantization = {"kind": "weight-only", "bits": fmt.bits, "activations": f"{options.precision}, not quantized",
+                        "granularity": fmt.granularity,
                         **({"block": block} if block else {}), "method": "linear_symmetric", "format": fmt.op,
                         "ops": ops, "weights": done,
                         "fp32_ops": sorted({t for types in left.values() for t in types}), "fp32_weights": sorted(left),

@@ -7,7 +7,6 @@ half-written folder behind and never deletes a folder it was not asked to replac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,12 +16,12 @@ import numpy as np
 import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-extension import breaks it
 import torch
 
-import runtime.manifest as manifest_schema
-from runtime.atomic import remove_stale_folders, staged_folder, write_atomic
+from runtime.atomic import remove_stale_folders, staged_folder
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
-from models.data import vocab_fields
-from . import coreml_export, onnx_export
+import runtime.manifest as manifest_schema
+from . import contract, coreml_export, onnx_export
+from .conformance_vectors import write_conformance
 from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
@@ -39,8 +38,7 @@ CORE_ML_MAX_LEVELS = 31  # block sizes 2^i must fit int32
 # LMN step graphs for tokens that re-summarize exactly k = 0..3 levels once the memory is full:
 # 15 of every 16 tokens (k has probability 2^-(k+1)); the rest use the general step graph.
 DEFAULT_FAST_PATHS = 4
-FAST_PATH_RULE = ("valid only when, for every row, pointer+1 >= 2^(max_levels-1) (memory full) and pointer+1 "
-                  "has exactly `levels` trailing zero bits (at least, for levels = max_levels-1)")
+FAST_PATH_REACH_CAP = 4096  # longest stream from pointer 0 the fast-path check runs (max_levels <= 12 reach a fast path)
 
 
 @dataclass
@@ -179,25 +177,35 @@ def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progr
         name = f"step_levels_{k}.onnx"
         progress(f"exporting ONNX fast-path step graph ({k} summary levels)")
         onnx_export.export_step(model, directory / name, opset, levels=k, full=True)
-        entries.append({"name": "step_levels", "levels": k, "valid_when": FAST_PATH_RULE, "target": "onnx",
+        entries.append({"name": "step_levels", "levels": k, "target": "onnx",
                         "file": name, "precision": "fp32", "opset": opset, **spec.to_dict()})
     return entries
 
 
-def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, tokens: np.ndarray, options: ExportOptions,
+def fast_path_reach(model, parity_tokens: int) -> int:
+    """Tokens the fast-path check streams from pointer 0: past the first fast path (pointer 2^(max_levels-1))
+    by 64 tokens, so the hand-over from a filling memory is checked; capped at FAST_PATH_REACH_CAP."""
+    return max(parity_tokens, min(2 ** (model.config.max_levels - 1) + 64, FAST_PATH_REACH_CAP))
+
+
+def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, text_ids: list[int], options: ExportOptions,
                        graphs: list, progress) -> list[ParityReport]:
     """Fast-path graphs (`write_fast_paths`), checked by streaming each parity row alone (batch 1, as
-    the runtime steps) through the graphs picked per token."""
+    the runtime steps) through the graphs picked per token; the row from pointer 0 runs into the fast paths."""
     fast = {}
     for entry in write_fast_paths(model, work, options.fast_paths, options.opset, spec, progress):
         graphs.append(entry)
         fast[entry["levels"]] = OnnxPredictor(work / entry["file"])
         check_names(spec, fast[entry["levels"]].input_names, fast[entry["levels"]].output_names)
-    progress(f"checking fast-path parity over {options.parity_tokens} tokens per start pointer")
+    starts = start_pointers(model, options.parity_tokens)
+    reach = fast_path_reach(model, options.parity_tokens)
+    tokens = stream_tokens(model, text_ids, reach, len(starts))
+    progress(f"checking fast-path parity over {options.parity_tokens} tokens per start pointer ({reach} from 0)")
     reports = []
-    for row, pointer in enumerate(start_pointers(model, options.parity_tokens)):
+    for row, pointer in enumerate(starts):
         predictor = FastPathPredictor(general, fast, model.config.max_levels)
-        report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], _atol(options, FP32_ATOL),
+        steps = reach if pointer == 0 else options.parity_tokens
+        report = stream_parity(model, predictor, spec, tokens[row : row + 1, :steps], [pointer], _atol(options, FP32_ATOL),
                                f"onnx fast paths @{pointer}", predictor.runner)
         report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
         reports.append(report)
@@ -223,11 +231,12 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         progress(f"checking ONNX step parity over {options.parity_tokens} tokens")
         predictor = OnnxPredictor(work / "model.onnx")
         check_names(spec, predictor.input_names, predictor.output_names)
-        tokens = stream_tokens(model, text_ids, options.parity_tokens)
-        reports.append(stream_parity(model, predictor, spec, tokens, start_pointers(model, options.parity_tokens),
-                                     _atol(options, FP32_ATOL), "onnx step", predictor.runner))
+        starts = start_pointers(model, options.parity_tokens)
+        tokens = stream_tokens(model, text_ids, options.parity_tokens, len(starts))
+        reports.append(stream_parity(model, predictor, spec, tokens, starts, _atol(options, FP32_ATOL), "onnx step",
+                                     predictor.runner))
         if is_lmn and options.fast_paths:
-            reports.extend(_export_fast_paths(work, model, predictor, spec, tokens, options, graphs, progress))
+            reports.extend(_export_fast_paths(work, model, predictor, spec, text_ids, options, graphs, progress))
         if is_lmn:
             for size in options.prefill_sizes:
                 name = f"prefill_{size}.onnx"
@@ -257,10 +266,11 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         predictor, runner = load_coreml(work / "model.mlpackage")
         steps = options.parity_tokens
         progress(f"checking Core ML parity over {steps} tokens with {runner}")
-        tokens = stream_tokens(model, text_ids, steps)
+        starts = start_pointers(model, steps, 2**31 - 1)
+        tokens = stream_tokens(model, text_ids, steps, len(starts))
         bound = _atol(options, FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
-        reports.append(stream_parity(model, predictor, cspec, tokens, start_pointers(model, steps, 2**31 - 1),
-                                     bound, f"coreml step ({options.precision})", runner))
+        reports.append(stream_parity(model, predictor, cspec, tokens, starts, bound,
+                                     f"coreml step ({options.precision})", runner))
         if options.quantize:  # int4 / int8 weight-only copies, each judged against this step
             from .coreml_quantize import export_quantized
 
@@ -280,22 +290,20 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                 reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], _atol(options, FP16_ATOL),
                                              f"coreml stateful @{pointer}", runner))
 
-    files = {}
-    for entry in graphs:
-        path = work / entry["file"]
-        files[entry["file"]] = {"sha256": manifest_schema.file_digest(path), "bytes": manifest_schema.file_size(path)}
-    step = next(g for g in graphs if g["name"] == "step")
-    manifest = manifest_schema.seal({
-        "format": manifest_schema.FORMAT,
-        "format_version": manifest_schema.FORMAT_VERSION,
-        "created_by": "lmn_export 0.1.0",
-        "model": cfg.to_dict(),
-        **vocab_fields(vocab),  # vocab_kind, and the characters for "chars"
-        "state_bytes_per_stream": state_bytes(step),
-        "graphs": graphs,
-        "files": files,
-        "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
-        "parity": {"text": text_source, "reports": [r.to_dict() for r in reports]},
-    })
-    write_atomic(work / manifest_schema.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    return ExportResult(work, manifest, reports)
+    def manifest(conformance: dict | None = None) -> dict:
+        return contract.build_manifest(
+            work, cfg.to_dict(), vocab.kind, "".join(vocab.chars) if vocab.kind == "chars" else None, graphs,
+            validated_ranges(reports), source={"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
+            parity={"text": text_source, "reports": [r.to_dict() for r in reports]}, conformance=conformance)
+
+    contract.write_manifest(work, manifest())
+    if "onnx" in options.targets and all(r.passed for r in reports):  # vectors only from graphs that passed
+        contract.write_manifest(work, manifest(write_conformance(work, text_ids, progress)))
+    final = manifest_schema.read_manifest(work).data
+    return ExportResult(work, final, reports)
+
+
+def validated_ranges(reports: list[ParityReport]) -> list[tuple[int, int, str]]:
+    """The input-pointer ranges the parity streams stepped through: (first, last, graphs)."""
+    return [(start, start + report.tokens - 1, report.graph) for report in reports if "prefill" not in report.graph
+            for start in report.start_pointers]

@@ -16,14 +16,26 @@ from models import GPT, LMN, GPTConfig, KVState, LMNConfig, StepState
 BATCH = "batch"
 
 
+ROLES = ("token", "tokens", "length", "logits", "state")  # what a graph input or output is for (lmn.json "role")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    """A graph input or output: its name, shape, dtype, role (ROLES) and, for role "state", the state tensor."""
+
     name: str
     shape: tuple  # ints, or BATCH / TIME for symbolic axes
     dtype: str  # numpy dtype name
+    role: str
+    state: str | None = None  # role "state": the name of the state tensor it carries (lmn.json "state.tensors")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        entry = {"name": self.name, "role": self.role, "shape": list(self.shape), "dtype": self.dtype}
+        return {**entry, "state": self.state} if self.state else entry
+
+
+def state_tensor(name: str, shape: tuple, dtype: str, carries: str) -> TensorSpec:
+    return TensorSpec(name, shape, dtype, "state", carries)
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class GraphSpec:
         return {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
-            "state": [{"input": s.input, "output": s.output, "layout": s.layout} for s in self.state],
+            "state": [{"tensor": s.input, "input": s.input, "output": s.output} for s in self.state],
         }
 
 
@@ -60,22 +72,23 @@ KV_LAYOUT = "{name}[b, layer, head, row, :]: the {what} of the token at position
 
 def step_spec(cfg, int_dtype: str = "int64") -> GraphSpec:
     """I/O of the single-token step graph of an LMN (memory) or GPT (KV cache) config."""
-    logits = TensorSpec("logits", (BATCH, cfg.vocab_size), "float32")
-    token = TensorSpec("token", (BATCH,), int_dtype)
-    pointer = TensorSpec("pointer", (BATCH,), int_dtype)
-    pointer_out = TensorSpec("pointer_out", (BATCH,), int_dtype)
+    logits = TensorSpec("logits", (BATCH, cfg.vocab_size), "float32", "logits")
+    token = TensorSpec("token", (BATCH,), int_dtype, "token")
+    pointer = state_tensor("pointer", (BATCH,), int_dtype, "pointer")
+    pointer_out = state_tensor("pointer_out", (BATCH,), int_dtype, "pointer")
     if isinstance(cfg, LMNConfig):
         memory_shape = (BATCH, cfg.n_layer, cfg.n_slots, cfg.n_embd)
         return GraphSpec(
-            inputs=(token, TensorSpec("memory", memory_shape, "float32"), pointer),
-            outputs=(logits, TensorSpec("memory_out", memory_shape, "float32"), pointer_out),
+            inputs=(token, state_tensor("memory", memory_shape, "float32", "memory"), pointer),
+            outputs=(logits, state_tensor("memory_out", memory_shape, "float32", "memory"), pointer_out),
             state=(StateSpec("memory", "memory_out", MEMORY_LAYOUT), StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
         )
     cache_shape = (BATCH, cfg.n_layer, cfg.n_head, cfg.block_size, cfg.head_dim)
     return GraphSpec(
-        inputs=(token, TensorSpec("keys", cache_shape, "float32"), TensorSpec("values", cache_shape, "float32"), pointer),
-        outputs=(logits, TensorSpec("keys_out", cache_shape, "float32"),
-                 TensorSpec("values_out", cache_shape, "float32"), pointer_out),
+        inputs=(token, state_tensor("keys", cache_shape, "float32", "keys"),
+                state_tensor("values", cache_shape, "float32", "values"), pointer),
+        outputs=(logits, state_tensor("keys_out", cache_shape, "float32", "keys"),
+                 state_tensor("values_out", cache_shape, "float32", "values"), pointer_out),
         state=(StateSpec("keys", "keys_out", KV_LAYOUT.format(name="keys", what="key")),
                StateSpec("values", "values_out", KV_LAYOUT.format(name="values", what="value")),
                StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
@@ -91,10 +104,10 @@ def prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
     """
     memory_shape = (BATCH, cfg.n_layer, cfg.n_slots, cfg.n_embd)
     return GraphSpec(
-        inputs=(TensorSpec("tokens", (BATCH, size), "int64"), TensorSpec("length", (BATCH,), "int64")),
-        outputs=(TensorSpec("logits", (BATCH, cfg.vocab_size), "float32"),
-                 TensorSpec("memory_out", memory_shape, "float32"),
-                 TensorSpec("pointer_out", (BATCH,), "int64")),
+        inputs=(TensorSpec("tokens", (BATCH, size), "int64", "tokens"), TensorSpec("length", (BATCH,), "int64", "length")),
+        outputs=(TensorSpec("logits", (BATCH, cfg.vocab_size), "float32", "logits"),
+                 state_tensor("memory_out", memory_shape, "float32", "memory"),
+                 state_tensor("pointer_out", (BATCH,), "int64", "pointer")),
     )
 
 

@@ -68,6 +68,7 @@ class ParityReport:
     def to_dict(self) -> dict:
         """Standard JSON: a non-finite gap (NaN or inf in an output) is written as null."""
         return {**asdict(self), "passed": self.passed,
+                "start_pointers": [str(p) for p in self.start_pointers],  # decimal strings: exact beyond 2^53 in any parser
                 "outputs": [{**asdict(o), "max_abs_diff": o.max_abs_diff if math.isfinite(o.max_abs_diff) else None,
                              "passed": o.passed} for o in self.outputs]}
 
@@ -149,13 +150,16 @@ def stream_tokens(model: LMN | GPT, text_ids: list[int], steps: int, batch: int 
 
 
 def start_pointers(model: LMN | GPT, steps: int, int_max: int = 2**63 - 1) -> list[int]:
-    """Start positions for the B = 3 parity rows: 0, near 2^24, near 2^31 (LMN); within the cache (GPT)."""
+    """Start positions of the parity rows. LMN: 0, across 2^24 and 2^31, and the last `steps` input
+    pointers the graph supports (its last step reads pointer int_max - 1, so pointer + 1 still fits).
+    GPT: within the cache."""
     if isinstance(model.config, GPTConfig):
         room = model.config.block_size - steps
         if room < 0:
             raise ValidationError(f"a {steps}-token parity stream does not fit a {model.config.block_size}-row KV cache")
         return [0, room // 2, room]
-    return [p for p in START_POINTERS if p + steps < int_max]
+    starts = [p for p in START_POINTERS if p + steps < int_max] + [int_max - steps]
+    return sorted(set(starts))
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ that share memory with numpy arrays and ping-pongs between two sets (inputs A ->
 B -> A), so a step copies no state: it writes one token id and reads the logits buffer.
 
 An LMN export may also hold fast paths: step graphs that compute only the k summary levels a
-token at a given pointer re-summarizes once the memory is full (`fast_path_levels`). The stepper
-binds the same buffers to each and picks the graph from the pointer, else the general graph.
+token at a given pointer re-summarizes once the memory is full (lmn.json `fast_paths`, as
+`FastPathRule`). The stepper binds the same buffers to each and picks the graph from the
+pointer, else the general graph.
 """
 
 from __future__ import annotations
@@ -34,41 +35,57 @@ def empty_state(graph: dict, batch: int = 1) -> dict[str, np.ndarray]:
     return state
 
 
-def summary_levels(pointer: int, max_levels: int) -> int:
-    """Summary levels a step at `pointer` re-summarizes: trailing zero bits of pointer+1, at most max_levels-1."""
-    lowest = (pointer + 1) & -(pointer + 1)
-    return min(lowest.bit_length() - 1, max_levels - 1)
+class FastPathRule:
+    """lmn.json `fast_paths` as code: the step_levels graph a step at input pointer p may take."""
+
+    def __init__(self, valid_from_pointer: int, levels_cap: int):
+        self.valid_from_pointer, self.levels_cap = valid_from_pointer, levels_cap
+
+    @classmethod
+    def from_manifest(cls, section: dict) -> "FastPathRule":
+        return cls(int(section["valid_from_pointer"]), int(section["levels_cap"]))
+
+    @classmethod
+    def for_max_levels(cls, max_levels: int) -> "FastPathRule":
+        """The rule lmn-export writes for a model of `max_levels` levels: memory full from pointer 2^(max_levels-1) - 1."""
+        return cls((1 << (max_levels - 1)) - 1, max_levels - 1)
+
+    def levels(self, pointer: int) -> int | None:
+        """min(trailing zeros of pointer + 1, levels_cap) once pointer >= valid_from_pointer, else None (general step)."""
+        if pointer < self.valid_from_pointer:
+            return None
+        lowest = (pointer + 1) & -(pointer + 1)
+        return min(lowest.bit_length() - 1, self.levels_cap)
 
 
 def fast_path_levels(pointer: int, max_levels: int) -> int | None:
-    """The fast path a step at `pointer` may take (`summary_levels`), or None while the memory is not
-    yet full (pointer+1 < 2^(max_levels-1): some slots still empty, so the general graph runs)."""
-    if pointer + 1 < 1 << (max_levels - 1):
-        return None
-    return summary_levels(pointer, max_levels)
+    """The fast path a step at `pointer` may take in an export of a `max_levels` model (`FastPathRule`)."""
+    return FastPathRule.for_max_levels(max_levels).levels(pointer)
 
 
 class OnnxStepper:
     """One stream (batch 1) on an onnxruntime step session, through IO binding.
 
-    fast_paths: {k: session} of step graphs valid when the memory is full and the step
-    re-summarizes exactly k levels (manifest graphs "step_levels"); max_levels: the model's;
-    fast_files: {k: file name}, the labels `calls` counts the fast paths under.
-    `calls` counts the steps each graph ran, by file name: proof of which graph did the work.
+    fast_paths: {k: session} of step graphs valid where `rule` (lmn.json `fast_paths`) gives k
+    levels (manifest graphs "step_levels"); fast_files: {k: file name}, the labels `calls` counts
+    the fast paths under. `calls` counts the steps each graph ran, by file name: proof of which
+    graph did the work. Tensors are bound by their manifest roles, never by name.
     """
 
-    def __init__(self, session, graph: dict, fast_paths: dict[int, object] | None = None, max_levels: int = 0,
-                 fast_files: dict[int, str] | None = None):
+    def __init__(self, session, graph: dict, fast_paths: dict[int, object] | None = None,
+                 rule: FastPathRule | None = None, fast_files: dict[int, str] | None = None):
         import onnxruntime as ort
 
         self.calls: Counter[str] = Counter()
         self.session = session
         self.graph = graph
-        self.max_levels = max_levels
+        self.rule = rule
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
-        self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
+        token_spec = next(t for t in graph["inputs"] if t["role"] == "token")
+        self.token_dtype = ORT_DTYPES[token_spec["dtype"]]
         self.token = np.zeros(1, dtype=self.token_dtype)
-        logits_spec = next(t for t in graph["outputs"] if t["name"] == "logits")
+        logits_spec = next(t for t in graph["outputs"] if t["role"] == "logits")
+        pointer_input = next(p["input"] for p in graph["state"] if p["tensor"] == "pointer")
         self.logits = np.zeros((1, logits_spec["shape"][1]), dtype=np.float32)
         self.buffers = [empty_state(graph), empty_state(graph)]  # ping-pong state sets
         self.current = 0
@@ -80,18 +97,18 @@ class OnnxStepper:
             bindings = []
             for src, dst in ((0, 1), (1, 0)):
                 binding = session.io_binding()
-                binding.bind_ortvalue_input(graph["inputs"][0]["name"], token_value)
+                binding.bind_ortvalue_input(token_spec["name"], token_value)
                 for name, out in self.pairs:
                     binding.bind_ortvalue_input(name, ort_sets[src][name])
                     binding.bind_ortvalue_output(out, ort_sets[dst][name])
-                binding.bind_ortvalue_output("logits", logits_value)
+                binding.bind_ortvalue_output(logits_spec["name"], logits_value)
                 bindings.append((session, binding, label))
             return bindings
 
         fast_files = fast_files or {}
         self.bindings = bind(session, graph.get("file", "step"))
         self.fast = {k: bind(s, fast_files.get(k, f"step_levels_{k}")) for k, s in (fast_paths or {}).items()}
-        self.pointers = [b["pointer"] for b in self.buffers] if self.fast else None
+        self.pointers = [b[pointer_input] for b in self.buffers]
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -102,13 +119,17 @@ class OnnxStepper:
         for name, value in state.items():
             np.copyto(self.buffers[self.current][name], value, casting="same_kind")
 
+    @property
+    def pointer(self) -> int:
+        """The input pointer of the next step."""
+        return int(self.pointers[self.current][0])
+
     def step(self, token: int) -> np.ndarray:
         """Feed one token id; returns the logits (V,) (a view, valid until the next step)."""
         self.token[0] = token
         bindings = self.bindings
         if self.fast:
-            levels = fast_path_levels(int(self.pointers[self.current][0]), self.max_levels)
-            bindings = self.fast.get(levels, bindings)
+            bindings = self.fast.get(self.rule.levels(int(self.pointers[self.current][0])), bindings)
         session, binding, label = bindings[self.current]
         session.run_with_iobinding(binding)
         self.calls[label] += 1
@@ -123,7 +144,9 @@ class CoreMLStepper:
         self.model = mlmodel
         self.graph = graph
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
-        self.token_dtype = ORT_DTYPES[graph["inputs"][0]["dtype"]]
+        self.token = next(t for t in graph["inputs"] if t["role"] == "token")
+        self.token_dtype = ORT_DTYPES[self.token["dtype"]]
+        self.logits = next(t["name"] for t in graph["outputs"] if t["role"] == "logits")
         self._state = empty_state(graph)
         self.calls: Counter[str] = Counter()
 
@@ -136,10 +159,14 @@ class CoreMLStepper:
             self._state[name] = np.asarray(value, dtype=self._state[name].dtype).copy()
 
     def step(self, token: int) -> np.ndarray:
-        out = self.model.predict({"token": np.array([token], dtype=self.token_dtype), **self._state})
+        out = self.model.predict({self.token["name"]: np.array([token], dtype=self.token_dtype), **self._state})
         self.calls[self.graph.get("file", "step")] += 1
         self._state = {name: np.asarray(out[o], dtype=self._state[name].dtype) for name, o in self.pairs}
-        return np.asarray(out["logits"], dtype=np.float32)[0]
+        return np.asarray(out[self.logits], dtype=np.float32)[0]
+
+    @property
+    def pointer(self) -> int:
+        return int(self._state[next(p["input"] for p in self.graph["state"] if p["tensor"] == "pointer")][0])
 
 
 def load_coreml_model(path: str):

@@ -1,22 +1,17 @@
-"""The export folder's manifest, `lmn.json`: what the runtime reads before it loads any graph.
+"""The export folder's manifest, `lmn.json`: the contract the runtime (or any client) reads first.
 
-Schema (format_version 1):
-  format: "lmn-export", format_version: 1
-  model: the model config (arch, vocab_size, n_embd, ...)
-  vocab_kind: "chars" (absent in manifests written before byte vocabularies) or "bytes"
-  vocab: the characters, in id order (a "chars" vocabulary only; "bytes" has 256 ids, the UTF-8 bytes)
-  graphs: [{name, target ("onnx" | "coreml"), file, precision, inputs, outputs, state, ...}]
-          name: "step" (any pointer), "step_levels" (a fast path, with `levels`), "prefill" (with `size`), ...
-          precision: "fp32", "int8" or "int4" (weight-only), "dynamic-int8" (ONNX); "fp16" (Core ML);
-          a graph absent: "fp32". The runtime picks graphs by these fields, never by file name.
-          quantization (quantized graphs): {kind: "weight-only" | "dynamic", bits, block, method,
-          accuracy_level, moved_up, fp32_ops, fp32_weights, ...}: how, and what stayed fp32
-          inputs/outputs: [{name, shape (ints or "batch"), dtype}]
-          state: [{input, output, layout}]: outputs a caller feeds back as the next inputs
-          (name, precision, levels, size) is unique among the ONNX graphs
-  files: {relative path: {sha256, bytes}}, source: {checkpoint, sha256}, parity: [reports]
-  integrity: {sha256, covers}: sha256 of the manifest itself (`manifest_digest`), so one changed
-          byte anywhere in lmn.json (a vocabulary character, a shape) is refused on load
+Format 2 is defined by `runtime/lmn.schema.json` (a copy lies in every export folder, named by
+its "$schema" field) and checked on load, with the cross-field rules a schema cannot state
+(`check_fields`). In short:
+  model: the model config; vocabulary: kind, unit, tokens, id range, start token, unknown policies
+  state: the state tensors (all zeros initially) and how to start at pointer p
+  pointer: the supported input-pointer range (decimal strings) and the ranges parity validated
+  fast_paths / prefill: the rules for choosing step_levels graphs and running prefill graphs, as data
+  graphs: [{name, target, file, precision, quantization, inputs, outputs (each with a role), state
+           pairs (input -> output), levels / size / pointer_max}]: the runtime picks graphs by these
+           fields and binds tensors by role, never by file or tensor name
+  files: {relative path: {sha256, bytes}}; integrity: the sha256 of the manifest itself
+A format-1 folder (written before this contract) is refused with a message to re-export it.
 """
 
 from __future__ import annotations
@@ -27,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .schema_check import SchemaViolation, check, load_schema
+
 FORMAT = "lmn-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "lmn.json"
 
 
@@ -36,7 +33,8 @@ class ManifestError(Exception):
     """An export folder the runtime cannot trust; the message says what to do."""
 
 
-INTEGRITY_COVERS = "lmn.json without its integrity field, as JSON with sorted keys, no spaces, UTF-8"
+INTEGRITY_COVERS = ("lmn.json without its integrity field, as JSON with sorted keys, no spaces, UTF-8 (not \\u-escaped), "
+                    "every number as written in lmn.json")
 
 
 def manifest_digest(data: dict[str, Any]) -> str:
@@ -78,13 +76,21 @@ class Manifest:
         return self.data["model"]
 
     @property
+    def vocabulary(self) -> dict[str, Any]:
+        return self.data["vocabulary"]
+
+    @property
     def vocab_kind(self) -> str:
-        return self.data.get("vocab_kind", "chars")
+        return self.vocabulary["kind"]
 
     @property
     def vocab(self) -> str | None:
         """The characters of a "chars" vocabulary; None for "bytes"."""
-        return self.data.get("vocab")
+        return self.vocabulary.get("tokens")
+
+    @property
+    def fast_paths(self) -> dict[str, Any] | None:
+        return self.data.get("fast_paths")
 
     def graph(self, name: str, target: str = "onnx", precision: str | None = None) -> dict[str, Any] | None:
         """The first graph with this name and target (and precision, when given)."""
@@ -123,44 +129,78 @@ def _fail(path: Path, what: str) -> None:
     raise ManifestError(f"{path}: {what}; re-export the model")
 
 
+_SCHEMA: dict | None = None
+
+
+def check_schema(path: Path, data: dict[str, Any]) -> None:
+    """`data` matches runtime/lmn.schema.json; a ManifestError names the field and the rule."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = load_schema()
+    try:
+        check(data, _SCHEMA)
+    except SchemaViolation as e:
+        _fail(path, f"does not match lmn.schema.json: {e}")
+
+
+def io_with_role(tensors: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
+    return [t for t in tensors if t["role"] == role]
+
+
+def role_name(tensors: list[dict[str, Any]], role: str) -> str:
+    """The name of the one input or output with this role (check_fields made sure there is one)."""
+    return io_with_role(tensors, role)[0]["name"]
+
+
 def check_fields(path: Path, data: dict[str, Any]) -> None:
-    """The fields the runtime reads have the types it reads them as."""
-    for key, kind in (("model", dict), ("graphs", list), ("files", dict)):
-        if not isinstance(data.get(key), kind):
-            _fail(path, f"{key!r} is missing or not a {kind.__name__}")
+    """The cross-field rules the schema cannot state: files listed, one graph per choice, roles complete."""
     check_vocab(path, data)
+    state_names = {t["name"] for t in data["state"]["tensors"]}
     for entry in data["graphs"]:
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "target", "file")) \
-                or not all(isinstance(entry.get(k), list) for k in ("inputs", "outputs")):
-            _fail(path, f"a graph entry lacks name, target, file, inputs or outputs: {str(entry)[:80]}")
+        where = f"graph {entry['file']}"
         if entry["file"] not in data["files"]:
-            _fail(path, f"graph file {entry['file']} is not listed under 'files'")
-        if not isinstance(precision_of(entry), str):
-            _fail(path, f"graph {entry['file']} has a precision that is not a string")
+            _fail(path, f"{where} is not listed under 'files'")
+        prefill = entry["name"] == "prefill"
+        for kind, roles in (("inputs", ("tokens", "length") if prefill else ("token",)), ("outputs", ("logits",))):
+            for role in roles:
+                if len(io_with_role(entry[kind], role)) != 1:
+                    _fail(path, f"{where} must have exactly one {kind[:-1]} with role {role!r}")
+        carried = [t.get("state") for t in entry["inputs"] + entry["outputs"] if t["role"] == "state"]
+        if not set(carried) <= state_names or None in carried:
+            _fail(path, f"{where} has a state input or output that names no state tensor in 'state.tensors'")
+        names = {t["name"]: t for t in entry["inputs"] + entry["outputs"]}
+        for pair in entry["state"]:
+            if names.get(pair["input"], {}).get("state") != pair["tensor"] or names.get(pair["output"], {}).get("state") != pair["tensor"]:
+                _fail(path, f"{where} pairs {pair['input']} -> {pair['output']}, which do not both carry {pair['tensor']!r}")
+        if not prefill and ({p["tensor"] for p in entry["state"]} != state_names or "pointer_max" not in entry):
+            _fail(path, f"{where} does not carry every state tensor, or lacks pointer_max")
+        if entry["name"] == "step_levels" and "levels" not in entry or prefill and "size" not in entry:
+            _fail(path, f"{where} lacks its {'size' if prefill else 'levels'}")
     onnx = [(g["name"], precision_of(g), str(g.get("levels")), str(g.get("size"))) for g in data["graphs"] if g["target"] == "onnx"]
     twice = sorted({i for i in onnx if onnx.count(i) > 1})
     if twice:  # the runtime picks ONNX graphs by these fields: each must name one graph
         _fail(path, f"two onnx {twice[0][0]} graphs of precision {twice[0][1]} (and the same levels and size) are listed")
-    for name, facts in data["files"].items():
-        if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
-            _fail(path, f"file entry {name!r} lacks a sha256")
+    if not any(g["name"] == "step" for g in data["graphs"]):
+        _fail(path, "no step graph is listed")
+    if any(g["name"] == "step_levels" for g in data["graphs"]) and "fast_paths" not in data:
+        _fail(path, "step_levels graphs are listed without the 'fast_paths' rule")
+    if any(g["name"] == "prefill" for g in data["graphs"]) and "prefill" not in data:
+        _fail(path, "prefill graphs are listed without the 'prefill' rule")
 
 
 def check_vocab(path: Path, data: dict[str, Any]) -> None:
-    """`vocab_kind` is "chars" (with `vocab`, one character per id) or "bytes" (256 ids, no `vocab`)."""
-    kind, size = data.get("vocab_kind", "chars"), data["model"].get("vocab_size")
-    if kind == "bytes":
-        if "vocab" in data:
-            _fail(path, "a byte vocabulary lists no characters, but 'vocab' is present")
-        if size != 256:
-            _fail(path, f"a byte vocabulary has 256 ids, model says {size}")
-    elif kind == "chars":
-        if not isinstance(data.get("vocab"), str):
-            _fail(path, "'vocab' is missing or not a str")
-        if len(data["vocab"]) != size:
-            _fail(path, f"vocabulary has {len(data['vocab'])} characters, model says {size}")
-    else:
-        _fail(path, f"vocab_kind {kind!r} is not 'chars' or 'bytes' (a newer lmn wrote it?)")
+    """The vocabulary's size agrees with its tokens, its id range and the model."""
+    vocabulary, size = data["vocabulary"], data["model"]["vocab_size"]
+    tokens = vocabulary.get("tokens")
+    if vocabulary["kind"] == "bytes" and (tokens is not None or size != 256):
+        _fail(path, f"a byte vocabulary has 256 ids and lists no tokens (model says {size})")
+    if vocabulary["kind"] == "chars" and (not isinstance(tokens, str) or len(tokens) != size):
+        _fail(path, f"the vocabulary lists {len(tokens) if isinstance(tokens, str) else 'no'} characters, model says {size}")
+    if vocabulary["size"] != size or vocabulary["token_ids"]["max"] != size - 1:
+        _fail(path, f"vocabulary size {vocabulary['size']} (ids up to {vocabulary['token_ids']['max']}) disagrees "
+                    f"with the model's {size}")
+    if any(i >= size for i in vocabulary["start"]["ids"]):
+        _fail(path, "the start token's ids are outside the vocabulary")
 
 
 def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
@@ -181,9 +221,10 @@ def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
     if type(version) is not int or version != FORMAT_VERSION:
         raise ManifestError(
             f"{path} has format version {version!r} ({type(version).__name__}), this runtime reads the integer "
-            f"{FORMAT_VERSION}; re-export with a matching lmn version"
+            f"{FORMAT_VERSION}; re-export the model with this lmn's lmn-export (it writes format {FORMAT_VERSION})"
         )
     check_integrity(path, data)
+    check_schema(path, data)
     check_fields(path, data)
     manifest = Manifest(directory, data)
     if verify_files:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendError, CoreMLStepper, OnnxStepper, load_coreml_model
-from .manifest import MANIFEST, Manifest, ManifestError, read_manifest
+from .backends import BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
+from .manifest import MANIFEST, Manifest, ManifestError, read_manifest, role_name
 from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
@@ -66,6 +66,7 @@ class ExportedModel:
         self.backend = backend
         self.threads = threads
         self.vocab = make_vocab(manifest.vocab_kind, manifest.vocab, unknown=unknown)
+        self.start_ids: list[int] = list(manifest.vocabulary["start"]["ids"])  # fed before generating from nothing
         self.config = manifest.model
         self.precision = precision
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class ExportedModel:
 
     @property
     def state_bytes(self) -> int:
-        return int(self.manifest.data["state_bytes_per_stream"])
+        return int(self.manifest.data["state"]["bytes_per_stream"])
 
     @property
     def source_sha256(self) -> str:
@@ -118,31 +119,54 @@ class ExportedModel:
         if self.backend == "coreml":
             return CoreMLStepper(self._coreml, self.step_graph)
         files = {k: g["file"] for k, g in self.fast_path_graphs.items()}
-        return OnnxStepper(self.session, self.step_graph, self.fast_paths, self.config.get("max_levels", 0), files)
+        rule = FastPathRule.from_manifest(self.manifest.fast_paths) if self.fast_paths else None
+        return OnnxStepper(self.session, self.step_graph, self.fast_paths, rule, files)
+
+    @property
+    def pointer_max(self) -> int:
+        """The largest input pointer every step graph this model runs supports (their `pointer_max`)."""
+        return min(int(g["pointer_max"]) for g in [self.step_graph, *self.fast_path_graphs.values()])
+
+    @property
+    def pointer_input(self) -> str:
+        """The step graph's input that carries the pointer."""
+        return next(p["input"] for p in self.step_graph["state"] if p["tensor"] == "pointer")
 
     @property
     def max_prefill(self) -> int:
         return self.prefill_graphs[-1]["size"] if self.prefill_graphs else 0
 
     def prefill(self, ids: list[int]) -> tuple[int, np.ndarray, dict[str, np.ndarray], str]:
-        """Run the first tokens of a prompt in parallel from the empty state.
+        """Run the first tokens of a prompt in parallel from the empty state (lmn.json `prefill`).
 
         Uses the smallest prefill graph that holds the prompt (or the largest, for the first
         `max_prefill` tokens of a longer one). Returns (tokens consumed, logits (V,), state, graph file).
+        The graph cannot check `length` (1..size) or the token ids: they are checked here first.
         """
         if not self.prefill_graphs:
             raise ManifestError(f"{self.directory} has no prefill graph")
+        vocab_size = self.manifest.vocabulary["size"]
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if not ids or bad:
+            raise ValueError(f"prefill takes 1 or more token ids in [0, {vocab_size}); got {len(ids)} ids, "
+                             f"out of range: {bad[:5]}")
         graph = next((g for g in self.prefill_graphs if g["size"] >= len(ids)), self.prefill_graphs[-1])
         size, used = graph["size"], min(len(ids), graph["size"])
         with self._lock:
             session = self._prefill_sessions.get(size)
             if session is None:
                 session = self._prefill_sessions[size] = self._session(graph)
-        tokens = np.zeros((1, size), dtype=np.int64)
+        rule = self.manifest.data["prefill"]
+        tokens = np.full((1, size), rule["padding_id"], dtype=np.int64)
         tokens[0, :used] = ids[:used]
-        logits, memory, pointer = session.run(["logits", "memory_out", "pointer_out"],
-                                              {"tokens": tokens, "length": np.array([used], dtype=np.int64)})
-        return used, logits[0], {"memory": memory, "pointer": pointer}, graph["file"]
+        inputs = {role_name(graph["inputs"], "tokens"): tokens,
+                  role_name(graph["inputs"], "length"): np.array([used], dtype=np.int64)}
+        state_outputs = {t["name"]: t["state"] for t in graph["outputs"] if t["role"] == "state"}
+        names = [role_name(graph["outputs"], "logits"), *state_outputs]
+        logits, *states = session.run(names, inputs)
+        inputs_of = {p["tensor"]: p["input"] for p in self.step_graph["state"]}  # the step's input carrying each tensor
+        state = {inputs_of[tensor]: value for tensor, value in zip(state_outputs.values(), states)}
+        return used, logits[0], state, graph["file"]
 
 
 def load(directory: Path | str | None = None, threads: int = 1, backend: str = "onnxruntime",

@@ -20,6 +20,10 @@ from .atomic import write_atomic
 
 MAGIC = b"LMNSTATE"
 VERSION = 1
+LAYOUT = ("MAGIC (8 bytes) | header length (u32 little-endian) | header (JSON: version; model = lmn.json "
+          "source.sha256; backend_state = the step graph's state input names; tokens_seen; pending_bytes as hex; "
+          "arrays = [{name, dtype, shape}]) | the arrays' raw little-endian bytes in header order (each state input "
+          "of the step graph by name, then logits (vocab,) float32 once tokens_seen > 0) | sha256 of all before (32 bytes)")
 
 
 class StateFileError(Exception):

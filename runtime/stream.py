@@ -19,11 +19,12 @@ from .model import ExportedModel
 from .sampling import check_sampling, sample
 from .state_file import StateFileError, load_state, save_state
 
-PREFILL_MIN_TOKENS = 16  # shorter first prompts are simply stepped
+PREFILL_MIN_TOKENS = 16  # what lmn-export writes as lmn.json prefill.min_prompt_tokens: shorter first prompts are stepped
 
 
 class ContextFullError(RuntimeError):
-    """A stream of a bounded-context export (GPT's KV cache) that cannot take another token."""
+    """A stream that cannot take another token: a GPT export's KV cache is full, or an LMN stream is at
+    the largest pointer its export supports (lmn.json `pointer.max`)."""
 
 
 def check_stop(stop) -> tuple[str, ...]:
@@ -40,9 +41,20 @@ class Stream:
     """The state of one stream of tokens over a shared ExportedModel (not itself thread-safe:
     use one Stream per thread; many Streams may share a model across threads)."""
 
-    def __init__(self, model: ExportedModel):
+    def __init__(self, model: ExportedModel, pointer: int = 0):
+        """A stream with the initial state (lmn.json `state`) at `pointer` (0: the empty stream; p: as if
+        p tokens had passed and been forgotten, lmn.json `state.start_at_pointer`)."""
+        if isinstance(pointer, bool) or not isinstance(pointer, numbers.Integral) or not 0 <= pointer <= model.pointer_max:
+            raise ValueError(f"pointer must be a whole number in [0, {model.pointer_max}] (the pointer_max of its graphs in lmn.json), "
+                             f"got {pointer!r}")
         self.model = model
         self.stepper = model.stepper()
+        if pointer and model.config.get("arch") != "lmn":
+            raise ValueError("a GPT export's stream starts at pointer 0 (its KV cache holds every token it attends to)")
+        if pointer:
+            name = model.pointer_input
+            self.stepper.set_state({name: np.full_like(self.stepper.state[name], pointer)})
+        self.start_pointer = int(pointer)
         self.prefill_calls: Counter[str] = Counter()
         self.tokens_seen = 0
         self.logits: np.ndarray | None = None  # after the last token fed or generated
@@ -66,14 +78,22 @@ class Stream:
         return self.model.config.get("block_size") if self.model.config.get("arch") == "gpt" else None
 
     def reset(self) -> None:
-        self.__init__(self.model)
+        """Back to the initial state at the pointer this stream started at."""
+        self.__init__(self.model, self.start_pointer)
 
     def _check_room(self, count: int) -> None:
+        """`count` more tokens fit: the last of them steps from a pointer <= the graphs' `pointer_max`."""
+        pointer = self.stepper.pointer
+        if pointer + count - 1 <= self.model.pointer_max:
+            return
         capacity = self.capacity
-        if capacity is not None and self.tokens_seen + count > capacity:
+        if capacity is not None:
             raise ContextFullError(
                 f"this export holds at most {capacity} tokens (a {capacity}-row KV cache) and the stream has "
                 f"{self.tokens_seen}; {count} more do not fit: reset the stream (/reset in lmn-chat)")
+        raise ContextFullError(
+            f"the stream is at pointer {pointer} and this export supports pointers up to {self.model.pointer_max} "
+            f"(pointer_max in lmn.json); {count} more tokens do not fit: reset the stream")
 
     def feed_ids(self, ids: Sequence[int]) -> None:
         """Feed token ids (ints in [0, vocab size)); on an error nothing is fed."""
@@ -84,7 +104,8 @@ class Stream:
             raise ValueError(f"token ids out of range: they must be whole numbers in [0, {vocab_size}); got {bad[:5]}")
         ids = [int(i) for i in ids]
         self._check_room(len(ids))
-        if self.tokens_seen == 0 and len(ids) >= PREFILL_MIN_TOKENS and self.model.max_prefill:
+        if self.tokens_seen == 0 and self.start_pointer == 0 and self.model.max_prefill \
+                and len(ids) >= self.model.manifest.data["prefill"]["min_prompt_tokens"]:
             used, logits, state, graph = self.model.prefill(ids)
             self.stepper.set_state(state)
             self.prefill_calls[graph] += 1
@@ -121,7 +142,7 @@ class Stream:
         if max_tokens == 0:
             return
         if self.logits is None:
-            self.feed(self.model.vocab.start_text)
+            self.feed_ids(self.model.start_ids)
         rng = np.random.default_rng(seed)
         keep = max((len(s) for s in stop), default=0)
         tail = ""  # the last `keep` characters: all a stop string can end in

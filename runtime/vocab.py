@@ -74,11 +74,6 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.chars)
 
-    @property
-    def start_text(self) -> str:
-        """What a stream is fed when asked to generate before anything was fed."""
-        return "\n" if "\n" in self.index else self.chars[0]
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Unknown characters raise (default) or are dropped (unknown="skip")."""
         missing = sorted({c for c in text if c not in self.index})
@@ -112,8 +107,6 @@ class ByteVocab:
     def __len__(self) -> int:
         return 256
 
-    start_text = "\n"
-
     def encode(self, text: str) -> list[int]:
         """The UTF-8 bytes of `text`. A lone surrogate (a str that is not text) raises, or is dropped with unknown="skip"."""
         try:
@@ -140,7 +133,7 @@ class ByteVocab:
 
 
 def make_vocab(kind: str, chars: str | None, unknown: str = "error") -> Vocab | ByteVocab:
-    """The vocabulary a manifest describes (`vocab_kind`, and `vocab` for characters)."""
+    """The vocabulary a manifest describes (`vocabulary.kind`, and `vocabulary.tokens` for characters)."""
     if kind == "bytes":
         return ByteVocab(unknown)
     return Vocab(chars, unknown)

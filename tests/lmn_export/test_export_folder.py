@@ -20,11 +20,12 @@ def test_full_export_passes_every_check(full_export):
     graphs = {r.graph for r in full_export.reports if r.graph.startswith("onnx")}
     assert graphs == {"onnx step", "onnx prefill 24",
                       "onnx fast paths @0", "onnx fast paths @16777116", "onnx fast paths @2147482624",
+                      f"onnx fast paths @{2**63 - 1 - 48}",  # its last input pointer is pointer_max = 2^63 - 2
                       "onnx step int4", "onnx fast paths int4", "onnx prefill 24 int4",
                       "onnx step int8", "onnx fast paths int8", "onnx prefill 24 int8",
                       "onnx step dynamic-int8", "onnx fast paths dynamic-int8"}
     assert {"coreml step (fp32)", "coreml stateful @0", "coreml stateful @16777116",
-            "coreml stateful @2147482624"} <= {r.graph for r in full_export.reports}
+            "coreml stateful @2147482624", f"coreml stateful @{2**31 - 1 - 48}"} <= {r.graph for r in full_export.reports}
 
 
 def test_quantized_graphs_listed(full_export):
@@ -66,7 +67,8 @@ def test_fast_paths_listed_and_used(full_export, precision):
 
     manifest = read_manifest(full_export.directory)
     graphs = manifest.graphs("onnx", "step_levels", precision)
-    assert [g["levels"] for g in graphs] == [0, 1, 2, 3] and all("memory full" in g["valid_when"] for g in graphs)
+    assert [g["levels"] for g in graphs] == [0, 1, 2, 3]
+    assert manifest.fast_paths["valid_from_pointer"] == 2 ** (TINY.max_levels - 1) - 1  # the memory is full from there
     report = "onnx fast paths @16777116" if precision == "fp32" else f"onnx fast paths {precision}"
     assert set(next(r for r in full_export.reports if r.graph == report).extra["fast_path_steps"]) == {"0", "1", "2", "3"}
     model = runtime.load(full_export.directory, precision=precision)
@@ -170,7 +172,7 @@ def test_manifest_schema(full_export):
     manifest = read_manifest(full_export.directory)  # verifies every file's sha256
     data = manifest.data
     assert data["format_version"] == FORMAT_VERSION
-    assert data["model"]["n_embd"] == TINY.n_embd and len(data["vocab"]) == TINY.vocab_size
+    assert data["model"]["n_embd"] == TINY.n_embd and len(data["vocabulary"]["tokens"]) == TINY.vocab_size
     step = manifest.graph("step", "onnx")
     assert [i["name"] for i in step["inputs"]] == ["token", "memory", "pointer"]
     assert step["inputs"][1]["shape"] == ["batch", TINY.n_layer, TINY.n_slots, TINY.n_embd]
@@ -179,9 +181,9 @@ def test_manifest_schema(full_export):
     coreml = manifest.graph("step", "coreml")
     assert coreml["inputs"][0]["dtype"] == "int32" and coreml["inputs"][2]["dtype"] == "int32"
     assert manifest.graph("step_stateful", "coreml")["precision"] == "fp16"
-    assert data["state_bytes_per_stream"] == TINY.n_layer * TINY.n_slots * TINY.n_embd * 4 + 8
+    assert data["state"]["bytes_per_stream"] == TINY.n_layer * TINY.n_slots * TINY.n_embd * 4 + 8
     assert len(data["source"]["sha256"]) == 64
-    assert set(data["files"]) == {g["file"] for g in data["graphs"]}
+    assert set(data["files"]) == {g["file"] for g in data["graphs"]} | {"lmn.schema.json", "conformance.json"}
     for name, facts in data["files"].items():
         assert (full_export.directory / name).exists() and facts["bytes"] > 0
 

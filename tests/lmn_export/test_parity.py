@@ -53,8 +53,8 @@ def assert_crosses(start: int, steps: int, boundary: int) -> None:
     assert start <= boundary - 1 and boundary + 1 <= start + steps - 1, (start, steps, boundary)
 
 
-def tokens_for(model, steps=TOKENS):
-    return stream_tokens(model, VOCAB.encode("To be, or not to be: that is the question:\n"), steps)
+def tokens_for(model, steps=TOKENS, batch=3):
+    return stream_tokens(model, VOCAB.encode("To be, or not to be: that is the question:\n"), steps, batch)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -150,8 +150,9 @@ def test_fast_paths_stream_with_parity(name, tmp_path):
     for k in range(levels):
         onnx_export.export_step(model, tmp_path / f"fast{k}.onnx", levels=k, full=True)
         fast[k] = OnnxPredictor(tmp_path / f"fast{k}.onnx")
-    tokens = tokens_for(model, 2**levels + 8)  # from pointer 0: fills the memory, then every k
-    for row, pointer in enumerate(start_pointers(model, tokens.shape[1])):
+    starts = start_pointers(model, 2**levels + 8)  # 0, across 2^24 and 2^31, and up to the int64 bound
+    tokens = tokens_for(model, 2**levels + 8, len(starts))  # from pointer 0: fills the memory, then every k
+    for row, pointer in enumerate(starts):
         predictor = FastPathPredictor(OnnxPredictor(tmp_path / "step.onnx"), fast, levels)
         report = stream_parity(model, predictor, spec, tokens[row : row + 1], [pointer], FP32_BOUND, "fast", "ort")
         report.raise_for_failure()

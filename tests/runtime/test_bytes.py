@@ -67,7 +67,10 @@ def yields(stream: Stream, max_tokens: int, **kwargs) -> list[tuple[str, int]]:
 
 def test_export_records_the_byte_vocabulary(byte_export):
     manifest = json.loads((byte_export / "lmn.json").read_text(encoding="utf-8"))
-    assert manifest["vocab_kind"] == "bytes" and "vocab" not in manifest and manifest["model"]["vocab_size"] == 256
+    vocabulary = manifest["vocabulary"]
+    assert vocabulary["kind"] == "bytes" and vocabulary["unit"] == "utf-8 byte" and "tokens" not in vocabulary
+    assert manifest["model"]["vocab_size"] == 256 and vocabulary["token_ids"] == {"min": 0, "max": 255}
+    assert vocabulary["start"] == {"text": "\n", "ids": [10], "when": vocabulary["start"]["when"]}
     assert manifest["parity"]["text"] == "Hamlet 3.1 sample (built in)"  # a byte vocabulary encodes it
     model = runtime.load(byte_export)
     assert isinstance(model.vocab, ByteVocab) and len(model.vocab) == 256
@@ -211,8 +214,8 @@ def test_no_character_is_unknown_but_a_lone_surrogate_is(byte_export):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(vocab="abc"), "lists no characters"),
-    (lambda d: d.update(vocab_kind="words"), "vocab_kind 'words' is not 'chars' or 'bytes'"),
+    (lambda d: d["vocabulary"].update(tokens="abc"), "lists no tokens"),
+    (lambda d: d["vocabulary"].update(kind="words"), r"vocabulary.kind must be one of \['chars', 'bytes'\]"),
     (lambda d: d["model"].update(vocab_size=255), "a byte vocabulary has 256 ids"),
 ])
 def test_bad_byte_manifests_are_refused(byte_export, tmp_path, change, message):
@@ -225,20 +228,16 @@ def test_bad_byte_manifests_are_refused(byte_export, tmp_path, change, message):
         runtime.load(copy)
 
 
-def test_manifests_without_vocab_kind_are_characters(tmp_path):
-    """A manifest written before vocab_kind (the shipped one, with the field removed, as older
-    exports were) loads as characters. Marked "bytes" (negative control), its character list is
-    refused rather than ignored."""
+def test_a_character_vocabulary_marked_bytes_is_refused(tmp_path):
+    """The shipped (character) manifest marked "bytes": its character list is refused, not ignored."""
     data = json.loads((runtime.DEFAULT_EXPORT / "lmn.json").read_text(encoding="utf-8"))
-    assert data.pop("vocab_kind", "chars") == "chars"
     copy = tmp_path / "copy"
     shutil.copytree(runtime.DEFAULT_EXPORT, copy)
-    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
     model = runtime.load(copy)
-    assert model.vocab.kind == "chars" and model.vocab.chars == data["vocab"]
-    data["vocab_kind"] = "bytes"
+    assert model.vocab.kind == "chars" and model.vocab.chars == data["vocabulary"]["tokens"]  # control
+    data["vocabulary"]["kind"] = "bytes"
     (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(ManifestError, match="lists no characters"):
+    with pytest.raises(ManifestError, match="lists no tokens"):
         runtime.load(copy)
 
 

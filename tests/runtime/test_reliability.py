@@ -197,7 +197,7 @@ def rewrite(folder: Path, change, reseal: bool = True) -> None:
 def test_one_changed_byte_in_the_manifest_is_refused(export_dir, tmp_path):
     copy = copy_export(export_dir, tmp_path)
     text = (copy / "lmn.json").read_text(encoding="utf-8")
-    vocab = json.loads(text)["vocab"]
+    vocab = json.loads(text)["vocabulary"]["tokens"]
     swapped = vocab.replace("a", "@", 1)
     assert swapped != vocab
     (copy / "lmn.json").write_text(text.replace(json.dumps(vocab)[1:-1], json.dumps(swapped)[1:-1], 1), encoding="utf-8")
@@ -209,10 +209,10 @@ def test_one_changed_byte_in_the_manifest_is_refused(export_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(model=[1, 2]), "'model' is missing or not a dict"),
-    (lambda d: d["files"]["model.onnx"].pop("sha256"), "lacks a sha256"),
+    (lambda d: d.update(model=[1, 2]), r"\$.model must be of type object"),
+    (lambda d: d["files"]["model.onnx"].pop("sha256"), r"\$.files.model.onnx lacks the required field 'sha256'"),
     (lambda d: d.update(format_version="1"), r"format version '1' \(str\)"),
-    (lambda d: d["graphs"][0].pop("inputs"), "lacks name, target, file, inputs or outputs"),
+    (lambda d: d["graphs"][0].pop("inputs"), r"\$.graphs\[0\] lacks the required field 'inputs'"),
     (lambda d: d["files"].update({"../escape.onnx": {"sha256": "0" * 64, "bytes": 1}}), "outside the export folder"),
 ])
 def test_malformed_manifests_are_one_line_errors(export_dir, tmp_path, change, message):
