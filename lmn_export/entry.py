@@ -31,4 +31,4 @@ def export() -> None:
 
 
 def bench() -> None:
-    _run("lmn_export.bench:main", "lmn-bench")
+    _run("lmn_export.bench.command:main", "lmn-bench")

@@ -113,9 +113,12 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 # Presets. Parameter counts (vocab 65) match the paper's Table 1; see tests/models/test_presets.py.
+# logmem-512 is not in the paper: the same family at 4x the width of logmem-128 (16.9M parameters,
+# 67 MB of fp32 weights), for timing decode where weight bandwidth, not per-node cost, bounds a step.
 PRESETS: dict[str, ModelConfig] = {
     "logmem-32": LMNConfig(n_embd=32, n_head=4, n_layer=4, n_bank=2, ff_mult=4),
     "logmem-128": LMNConfig(n_embd=128, n_head=4, n_layer=4, n_bank=2, ff_mult=4),
+    "logmem-512": LMNConfig(n_embd=512, n_head=8, n_layer=4, n_bank=2, ff_mult=4),
     "expsum-32": LMNConfig(n_embd=32, n_head=4, n_layer=4, n_bank=1, ff_mult=4, expand=1),
     "tinylogmem-32": LMNConfig(n_embd=32, n_head=4, n_layer=4, n_bank=2, ff_mult=1),
     "gpt2-32": GPTConfig(n_embd=32, n_head=4, n_layer=4, block_size=512),

@@ -17,12 +17,19 @@ import torch
 from click.testing import CliRunner
 
 import runtime
-from lmn_export import bench
-from lmn_export.bench import (SECTIONS, KVConcatStepper, KVRowsStepper, Settings, Timing, finite_json, gpt_positions,
-                              main, parse_contexts, parse_presets, parse_sections, results_json, run, session, summarize,
-                              train_block)
-from lmn_export.decode_speed import (NO_MEMORY, SpeedSettings, export_no_memory, profile_graph, python_overhead_us,
-                                     steppers, time_interleaved)
+from lmn_export.bench import command, report
+from lmn_export.bench.baselines import KVConcatStepper, KVRowsStepper, session
+from lmn_export.bench.command import main, parse_contexts, parse_precisions, parse_presets, parse_sections
+from lmn_export.bench.decode_speed import (SpeedSettings, export_no_memory, fast, no_memory, profile_graph,
+                                           python_overhead_us, steppers, time_interleaved)
+from lmn_export.bench.floor import (MIN_READ_BYTES, ReadCheckError, bytes_per_token, floor_fields, initializer_bytes,
+                                    read_bandwidth)
+from lmn_export.bench.report import finite_json, results_json
+from lmn_export.bench.settings import SECTIONS, Settings, gpt_positions
+from lmn_export.bench.speed_goals import FIELDS, goal_results
+from lmn_export.bench.suite import run, summarize
+from lmn_export.bench.timing import Timing
+from lmn_export.bench.train import train_block
 from lmn_export.onnx_export import export_kv_layout
 from models import GPT, GPTConfig
 from models.config import preset
@@ -91,22 +98,65 @@ def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
 
 
 def test_decode_speed_pieces_on_a_tiny_export(export_dir, tmp_path):
-    """The decode-speed section's steppers, interleaved timing, stepper overhead and profile run."""
+    """The decode-speed section's steppers, interleaved timing (which counts the graphs each variant
+    ran), stepper overhead and profile run."""
     import runtime
 
-    steps = steppers(export_dir, 1)
-    assert set(steps) == {"general", "fast paths"}  # this export has no int8 graphs
+    steps, files = steppers(export_dir, ("fp32",), 1)
+    assert set(steps) == {"general fp32", fast("fp32")}  # this export has no quantized graphs
+    assert files["fp32"][0] == "model.onnx" and len(files["fp32"]) > 1  # the step graph and its fast paths
     config = runtime.read_manifest(export_dir).model
-    bare = steppers(export_no_memory(config, tmp_path, log=lambda m: None), 1)
-    steps[NO_MEMORY] = bare["general"]
+    bare, _ = steppers(export_no_memory(config, tmp_path, ("fp32",), log=lambda m: None), ("fp32",), 1)
+    steps[no_memory("fp32")] = bare[fast("fp32")]
     drive = [1, 2, 3, 4, 5] * 100
     timings = time_interleaved(steps, drive, SpeedSettings(tokens=20, rounds=2, fill=200))
     assert set(timings) == set(steps) and all(t["n_tokens"] == 40 for t in timings.values())
-    py = python_overhead_us(steps["fast paths"], pointer=2**20 - 2, n=50)
+    assert all(sum(t["calls"].values()) == 40 for t in timings.values())  # the timed steps only, not the fill
+    assert timings["general fp32"]["calls"] == {"model.onnx": 40}
+    calls = timings[fast("fp32")]["calls"]  # memory full after 200 tokens: the fast paths run, picked per token
+    assert set(calls) <= set(files["fp32"]) and calls["step_levels_0.onnx"] == 20  # half of 40 consecutive pointers
+    py = python_overhead_us(steps[fast("fp32")], pointer=2**20 - 2, n=50)
     assert py["bare_run_us"] > 0 and py["stepper_step_us"] > 0
     level0 = runtime.read_manifest(export_dir).graph("step_levels")
     profile = profile_graph(export_dir, level0, pointer=2**20 - 2, runs=5)
     assert profile["nodes_per_run"] > 0 and abs(sum(o["share"] for o in profile["ops"]) - 1) < 1e-6
+
+
+# --- the floor: the bytes a token reads, and the bandwidth at which this machine reads them ---------
+
+def test_bytes_per_token_weighs_each_graph_by_its_runs(export_dir):
+    from collections import Counter
+
+    step, level0 = initializer_bytes(export_dir / "model.onnx"), initializer_bytes(export_dir / "step_levels_0.onnx")
+    assert step > level0 > 0  # the 0-level fast path holds no summarizer weights
+    assert 0.5 < step / (export_dir / "model.onnx").stat().st_size <= 1  # most of a graph file is its weights
+    assert bytes_per_token(Counter({"model.onnx": 1, "step_levels_0.onnx": 3}), export_dir) == \
+        pytest.approx((step + 3 * level0) / 4, rel=1e-12)
+    with pytest.raises(ValueError, match="no graph ran"):
+        bytes_per_token(Counter(), export_dir)
+
+
+def test_read_bandwidth_reads_the_whole_buffer():
+    """The measurement and its negative control: a read that skips half the buffer misses the markers
+    and is refused, where the full read is accepted; the figures are consistent (no timing asserted)."""
+    got = read_bandwidth(1 << 20, repeats=6)
+    assert got["buffer_bytes"] == 1 << 20 and got["repeats"] == 6
+    assert math.isfinite(got["bytes_per_s"]) and got["bytes_per_s"] >= got["median_bytes_per_s"] > 0  # best >= median
+    assert read_bandwidth(10)["buffer_bytes"] == MIN_READ_BYTES
+    with pytest.raises(ReadCheckError, match="missed the marker"):
+        read_bandwidth(1 << 20, repeats=6, read=lambda buffer: float(buffer[: buffer.size // 2].max()))
+    f = floor_fields(mean_us=30.0, weight_bytes=2e6, bandwidth={"bytes_per_s": 1e11})
+    assert f["floor_us"] == pytest.approx(20.0, rel=1e-12) and f["vs_floor"] == pytest.approx(1.5, rel=1e-12)
+
+
+def test_speed_goals_are_judged_from_the_summary():
+    figures = {"mean_us": 100.0, "vs_floor": 1.2, "ratio_vs_no_memory_mean": 1.4, "file_bytes": 1000}
+    speed = {"logmem-512": {"fp32": figures, "int4": {**figures, "mean_us": 40.0, "vs_floor": 2.0, "file_bytes": 150}}}
+    goals = {g["goal"]: g for g in goal_results(speed)}
+    assert goals["logmem-512: int4 mean / fp32 mean"]["value"] == pytest.approx(0.4)
+    assert not goals["logmem-512: int4 mean / fp32 mean"]["met"] and goals["logmem-512: fp32 mean / its floor"]["met"]
+    assert not goals["logmem-512: int4 mean / its floor"]["met"] and goals["logmem-512: int4 files / fp32 files"]["met"]
+    assert not any("logmem-128" in name for name in goals)  # not measured: not judged
 
 
 # --- the lmn-bench command line itself -----------------------------------------------------------
@@ -181,11 +231,32 @@ def test_quick_cli_writes_the_results_a_user_reads(quick_run):
     assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] < 60_000 for r in data["ttft"])
 
     [speed] = data["decode_speed"]
-    assert speed["preset"] == "export" and speed["weights"] == "shipped" and speed["config"] == cfg
-    assert {"general", "fast paths", "no memory", "no memory int8"} <= set(speed["variants"])
+    assert speed["preset"] == "export" and speed["config"] == cfg
+    assert speed["weights"] == "shipped, quantized here"  # the tiny export has no int8 or int4 graphs
+    precisions = ("fp32", "int8", "int4")
+    assert s["speed"]["precisions"] == list(precisions)
+    assert set(speed["variants"]) == {"general fp32", *map(fast, precisions), *map(no_memory, precisions)}
     for name, v in speed["variants"].items():
         assert is_latency(v["p50_us"]) and is_latency(v["mean_us"]) and v["n_tokens"] == 2 * 100, name
     assert 0 < speed["ratio_p50_vs_no_memory"] < 1e3 and speed["python"]["bare_run_us"] > 0
+    assert set(speed["profile_levels_0"]) == set(precisions)
+
+    figures = data["summary"]["speed"]["export"]
+    assert list(figures) == list(precisions)
+    for precision, f in figures.items():  # present, finite, and consistent with each other and the variants
+        assert set(FIELDS) <= set(f) and all(isinstance(f[k], (int, float)) and math.isfinite(f[k]) for k in f), f
+        assert f["mean_us"] == speed["variants"][fast(precision)]["mean_us"]
+        assert f["no_memory_mean_us"] == speed["variants"][no_memory(precision)]["mean_us"]
+        assert f["ratio_vs_no_memory_mean"] == pytest.approx(f["mean_us"] / f["no_memory_mean_us"], rel=1e-9)
+        assert f["floor_us"] == pytest.approx(f["weight_bytes"] / f["read_bytes_per_s"] * 1e6, rel=1e-9)
+        assert f["vs_floor"] == pytest.approx(f["mean_us"] / f["floor_us"], rel=1e-9)
+        assert 1e3 < f["weight_bytes"] < f["file_bytes"] and f["read_bytes_per_s"] > 1e6
+    # weight-only int4 and int8 read fewer bytes than fp32 (the tiny model's matrices are only 16 wide:
+    # the ratios are far from 4 bits / 32, but the order holds)
+    assert figures["int4"]["weight_bytes"] < figures["int8"]["weight_bytes"] < figures["fp32"]["weight_bytes"]
+    assert figures["int4"]["file_bytes"] < figures["fp32"]["file_bytes"]
+    goals = data["summary"]["speed_goals"]  # only goals of the presets this run timed: none for `export`
+    assert goals == []
 
     # the tiny model's 43 characters do not cover the corpus (and CI may lack it): quality is skipped, and says so
     assert data["quality"] == [] and "quality skipped" in data["text"]
@@ -196,7 +267,6 @@ def test_quick_cli_writes_the_results_a_user_reads(quick_run):
     inplace_4096 = next(r for r in data["decode"] if r["layout"] == "kv-inplace" and r["n_ctx"] == 4096)
     assert summary["state_ratio_vs_kv"] == pytest.approx(inplace_4096["state_bytes"] / lmn[0]["state_bytes"])
     assert 0 < summary["speedup_vs_kv_inplace"] < 1e3 and 0 < summary["speedup_vs_kv_concat"] < 1e3
-    assert summary["export"]["ratio_p50_vs_no_memory"] > 0
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="--plot needs matplotlib (pip install 'lmn[bench]'), not installed here")
@@ -256,6 +326,7 @@ BAD_ARGUMENTS = {  # arguments -> the option the one-line error must name
     "threads-negative": (["--threads", "-1"], "--threads"),
     "speed-presets-unknown": (["--speed-presets", "logmem-32,logmem-64"], "--speed-presets"),
     "speed-presets-gpt": (["--speed-presets", "gpt2-32"], "--speed-presets"),  # the section times LMNs
+    "speed-precisions-unknown": (["--speed-precisions", "int4,fp16"], "--speed-precisions"),
     "json-parent-missing": (["--json", "{tmp}/missing/out.json"], "--json"),
     "json-is-a-folder": (["--json", "{tmp}"], "--json"),
     "json-parent-is-a-file": (["--json", "{tmp}/file.txt/out.json"], "--json"),
@@ -302,6 +373,7 @@ def test_lmn_contexts_may_be_empty_and_contexts_are_sorted_once():
     assert parse_contexts(None, param["contexts"], " 4096, 1024,1024 ") == (1024, 4096)
     assert parse_presets(None, param["speed_presets"], "export, logmem-32,export") == ("export", "logmem-32")
     assert parse_presets(None, param["speed_presets"], "") == ()  # documented: skip the section
+    assert parse_precisions(None, param["speed_precisions"], "int4, dynamic-int8,int4") == ("fp32", "int4", "dynamic-int8")
 
 
 def test_a_missing_export_is_one_line(tmp_path):
@@ -327,7 +399,7 @@ def test_quick_keeps_the_options_given_on_the_command_line(monkeypatch):
         seen.append(s)
         raise runtime.ManifestError("stopped by the test")
 
-    monkeypatch.setattr(bench, "run", stop)
+    monkeypatch.setattr(command, "run", stop)
     r = CliRunner().invoke(main, ["--quick", "--contexts", "64,32", "--lmn-contexts", "", "--reps", "3"])
     assert r.exit_code == 1 and "stopped by the test" in r.output, r.output
     s = seen[0]
@@ -337,7 +409,9 @@ def test_quick_keeps_the_options_given_on_the_command_line(monkeypatch):
     CliRunner().invoke(main, ["--quick", "--speed-presets", "logmem-128,logmem-32", "--tokens", "7"])
     assert seen[1].speed.presets == ("logmem-128", "logmem-32") and seen[1].tokens == 7 and seen[1].contexts == (1024, 4096)
     CliRunner().invoke(main, [])
-    assert seen[2] == Settings(speed=SpeedSettings(presets=("logmem-32", "logmem-128")))  # no --quick: the defaults
+    assert seen[2] == Settings()  # no --quick: the defaults
+    assert seen[2].speed.presets == ("logmem-32", "logmem-128", "logmem-512")
+    assert seen[2].speed.precisions == ("fp32", "int8", "int4")
 
 
 def test_non_finite_numbers_are_written_as_null_and_listed():
@@ -400,7 +474,7 @@ def test_train_section_says_when_gpt2_trains_at_a_shorter_block(monkeypatch):
     r["summary"] = summarize(r)
     assert r["summary"] == {"train_ratio": {"128": 0.75}}
     lines = []
-    monkeypatch.setattr(bench.click, "echo", lambda text="", **kw: lines.append(text))
-    bench.print_report(r)
+    monkeypatch.setattr(report.click, "echo", lambda text="", **kw: lines.append(text))
+    report.print_report(r)
     gpt = next(line for line in lines if "gpt2-128" in line)
     assert "block   256 (its position table)" in gpt and "LMN / GPT-2 at width 128: 0.75" in gpt

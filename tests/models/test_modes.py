@@ -18,7 +18,9 @@ VARIANTS = {
     f"{s}-bank{b}-expand{e}": dataclasses.replace(TINY, summarizer=s, n_bank=b, expand=e)
     for s in ("linear", "conv", "dwsep") for b in (1, 2) for e in (0, 2)
 }
-LMN_PRESETS = {name: cfg for name, cfg in PRESETS.items() if isinstance(cfg, LMNConfig)}
+# logmem-512 (a benchmark preset) is left out: it is logmem-128's code at 4x the width, so it adds
+# no path these tests do not cover, and stepping 1,024 tokens at E=512 would take minutes of CI.
+LMN_PRESETS = {name: cfg for name, cfg in PRESETS.items() if isinstance(cfg, LMNConfig) and name != "logmem-512"}
 LENGTHS = (1, 7, 64, 300, 1024)
 
 

@@ -1,0 +1,161 @@
+"""What a run reports: the printed report, the results file's JSON text, and the charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+
+from runtime.atomic import atomic_path
+
+MATPLOTLIB_HINT = "--plot needs matplotlib: pip install 'lmn[bench]'"
+
+
+def print_report(r: dict) -> None:
+    m = r["machine"]
+    click.echo(f"\nmachine: {m['cpu']} ({m['cores']} cores), {m['os']}; numpy {m['numpy']}, onnxruntime {m['onnxruntime']}")
+    if "decode" in r:
+        print_decode(r)
+    if r.get("decode_speed"):
+        print_speed(r)
+    if "ttft" in r:
+        click.echo("\ntime to first token (ms, median of 3):")
+        for row in r["ttft"]:
+            click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
+    if "lmn" in r:
+        files = r["lmn"]["files"]
+        click.echo("\nmodel files: " + ", ".join(f"{k} {v['bytes'] / 1024:.0f} KB" for k, v in files.items() if k.startswith("model.")))
+    if r.get("quality"):
+        click.echo("\nheld-out bits per character (val split):")
+        for row in r["quality"]:
+            click.echo(f"  {row['model']:<5} positions {row['context']:<18} {row['bpc']:.4f} bpc over {row['tokens']:,} chars")
+    if "train" in r:
+        print_train(r)
+    click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
+
+
+def print_speed(r: dict) -> None:
+    """The decode-speed section: every variant's timing per preset, then per precision the floor,
+    the memory-free twin and the files, then the goals."""
+    for row in r["decode_speed"]:
+        click.echo(f"\ndecode speed, {row['preset']} ({row['weights']} weights), us per token:")
+        click.echo(f"  {'variant':<22} {'p50':>9} {'mean':>9} {'p99':>9}  per-round p50")
+        for name, t in row["variants"].items():
+            rounds = " ".join(f"{x:.0f}" for x in t["round_p50_us"])
+            click.echo(f"  {name:<22} {t['p50_us']:>9.1f} {t['mean_us']:>9.1f} {t['p99_us']:>9.1f}  {rounds}")
+        py = row["python"]
+        if py:
+            click.echo(f"  runtime stepper overhead {py['overhead_us']:.1f} us/token (bare run {py['bare_run_us']:.1f} us)")
+        for precision, prof in row["profile_levels_0"].items():
+            top = ", ".join(f"{o['op']} {o['share']:.0%} ({o['nodes']})" for o in prof["ops"][:6])
+            click.echo(f"  profile, 0-level fast path {precision} ({prof['nodes_per_run']:.0f} nodes, "
+                       f"{prof['kernel_us_per_run']:.0f} us in kernels): {top}")
+    speed = r["summary"]["speed"]
+    click.echo(f"\ndecode speed against the floor (fast paths, {r['settings']['threads']} thread(s); floor = weight bytes "
+               "per token / this machine's read bandwidth on a buffer of that size, measured in this run):")
+    click.echo(f"  {'preset':<11} {'precision':<13} {'p50 us':>9} {'mean us':>9} {'weight KB':>10} {'read GB/s':>9} "
+               f"{'floor us':>9} {'vs floor':>8} {'no-mem us':>9} {'mem cost':>8} {'files KB':>9}")
+    for preset, precisions in speed.items():
+        for precision, f in precisions.items():
+            click.echo(f"  {preset:<11} {precision:<13} {f['p50_us']:>9.1f} {f['mean_us']:>9.1f} {f['weight_bytes'] / 1e3:>10.0f} "
+                       f"{f['read_bytes_per_s'] / 1e9:>9.1f} {f['floor_us']:>9.1f} {f['vs_floor']:>7.2f}x "
+                       f"{f['no_memory_mean_us']:>9.1f} {f['ratio_vs_no_memory_mean']:>7.2f}x {f['file_bytes'] / 1e3:>9.0f}")
+    goals = r["summary"]["speed_goals"]
+    if goals:
+        click.echo("goals:")
+    for g in goals:
+        click.echo(f"  {'met   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value']:.2f} (goal <= {g['limit']})")
+
+
+def print_decode(r: dict) -> None:
+    click.echo(f"threads {r['settings']['threads']}, batch 1, {r['settings']['tokens']} tokens x {r['settings']['reps']} reps "
+               f"after {r['settings']['warmup']} warm-up; text: {r['text']}\n")
+    click.echo(f"{'model':<6} {'layout':<11} {'context':>9} {'p50 us':>9} {'p99 us':>9} {'tok/s':>9} "
+               f"{'state bytes':>13} {'RSS MB':>8}  reached by")
+    for row in r["decode"]:
+        click.echo(f"{row['model']:<6} {row['layout']:<11} {row['n_ctx']:>9,} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
+                   f"{row['tokens_per_s']:>9,.0f} {row['state_bytes']:>13,} {row['rss_bytes'] / 2**20:>8.1f}  {row['reached_by']}")
+    nm = r["no_memory"]
+    sequential = r.get("memory_overhead_ratio_sequential", r["memory_overhead_ratio"])
+    click.echo(f"\nLMN without memory (same model and code, max_levels 1): p50 {nm['p50_us']:.1f} us; memory overhead "
+               f"{sequential:.2f}x vs the LMN at the first context, timed apart (interleaved figure: decode speed below)")
+
+
+def print_train(r: dict) -> None:
+    t, rows = r["settings"]["train"], r["train"]
+    device = rows[0]["device"] if rows else t["device"]
+    threads = f", {r['settings']['threads']} torch thread(s)" if device == "cpu" else ""
+    click.echo(f"\ntraining throughput (forward + backward + AdamW step, fp32, {device}{threads}; batch {t['batch']}; "
+               f"tokens/s, median of {t['rounds']} interleaved rounds of {t['steps']} steps):")
+    ratios = r["summary"].get("train_ratio", {})
+    from models.config import preset
+
+    for row in rows:
+        cfg = preset(row["preset"])
+        note = " (its position table)" if row["block"] < t["block"] else ""
+        line = f"  {row['preset']:<11} block {row['block']:>5}{note:<21} {row['tokens_per_s']:>10,.0f} tokens/s"
+        if row["preset"].startswith("gpt2") and str(cfg.n_embd) in ratios:
+            line += f"   LMN / GPT-2 at width {cfg.n_embd}: {ratios[str(cfg.n_embd)]:.2f}"
+        click.echo(line)
+
+
+def finite_json(value, where: str = "") -> tuple[object, list[str]]:
+    """`value` as standard JSON data: every NaN or infinite number becomes None (JSON null).
+
+    Returns (the copy, where each replaced number was, e.g. "quality[0].bpc"): strict JSON readers
+    reject NaN, and a null plus its place in the list says "not measured" without a fake number.
+    """
+    if isinstance(value, dict):
+        pairs = [(k, finite_json(v, f"{where}.{k}" if where else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, bad) in pairs for p in bad]
+    if isinstance(value, (list, tuple)):
+        items = [finite_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, bad in items for p in bad]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), []
+    if isinstance(value, (int, np.integer)):
+        return int(value), []
+    if isinstance(value, (float, np.floating)):
+        return (float(value), []) if math.isfinite(value) else (None, [where])
+    return value, []
+
+
+def results_json(r: dict) -> tuple[str, list[str]]:
+    """The results file's text (standard JSON: non-finite numbers are null, their places listed
+    under `non_finite`) and that list."""
+    clean, replaced = finite_json(r)
+    clean["non_finite"] = replaced
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n", replaced
+
+
+def plot(r: dict, directory: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException(MATPLOTLIB_HINT) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label, name in (("p50_us", "decode latency p50 (us/token)", "latency.png"),
+                             ("state_bytes", "state bytes per stream", "state.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for series in sorted({(row["model"], row["layout"]) for row in r["decode"]}):
+            pts = [(row["n_ctx"], row[key]) for row in r["decode"] if (row["model"], row["layout"]) == series]
+            ax.plot(*zip(*pts), marker="o", label=" ".join(series))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(directory / name) as tmp:  # the temp name has no .png suffix: say the format
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        written.append(directory / name)
+    return written
