@@ -1,0 +1,681 @@
+// lmn.mjs: a client for lmn export folders (manifest format 2), written from lmn.json alone.
+//
+// Runs in Node (onnxruntime-node) and in a browser (onnxruntime-web): the caller passes the `ort`
+// module and `fetchFile(name) -> Promise<Uint8Array>`; nothing here imports a platform module.
+//
+//   const model = await loadModel({ ort, fetchFile, precision: "fp32" });
+//   const stream = model.stream();            // the initial state; stream({ pointer: 5n }) starts at p
+//   await stream.feed("ROMEO:\n");            // a prefill graph for a long first prompt, else steps
+//   for await (const char of stream.generate(200, { temperature: 0 })) process.stdout.write(char);
+//   const saved = await stream.saveState();   // bytes in the Python runtime's state-file format
+//
+// What comes from lmn.json: the graphs by name/precision/levels/size, every tensor by its role,
+// state tensors and their initial value (`state.tensors`), the pointer tensor and its bound
+// (`pointer`, decimal strings -> BigInt), the fast-path rule (`fast_paths`), the prefill rule
+// (`prefill`), the vocabulary (unit, tokens, id range, start token, unknown policy) and file digests.
+// Pointers and int64 tensors are BigInt / BigInt64Array throughout.
+
+export const MANIFEST = "lmn.json";
+export const FORMAT = "lmn-export";
+export const FORMAT_VERSION = 2;
+export const PREFILL_MIN_TOKENS = 16; // shorter first prompts are stepped (as the Python runtime does; not contract)
+
+/** An export folder, argument or stream operation this client refuses; the message says what to do. */
+export class LmnError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "LmnError";
+  }
+}
+
+const ARRAYS = { float32: Float32Array, float16: Uint16Array, int64: BigInt64Array, int32: Int32Array };
+
+// ---- digests -------------------------------------------------------------------------------
+
+async function sha256Hex(bytes) {
+  const digest = await globalThis.crypto.subtle.digest("SHA-256", bytes);
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * lmn.json's `integrity.covers` form: the manifest without `integrity`, keys sorted, no spaces,
+ * UTF-8. Re-serialized from the file's text so that number lexemes stay as written (JSON.parse
+ * would turn 2^63-ish integers and floats such as 1e-05 or 0.0 into other text).
+ */
+export function canonicalManifest(text) {
+  let i = 0;
+  const fail = () => {
+    throw new LmnError(`${MANIFEST} is not valid JSON near character ${i}; re-export the model`);
+  };
+  const space = () => {
+    while (i < text.length && " \t\n\r".includes(text[i])) i++;
+  };
+  const stringToken = /"(?:[^"\\\u0000-\u001f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"/y;
+  const literal = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null/y;
+  const string = () => {
+    stringToken.lastIndex = i;
+    const m = stringToken.exec(text) ?? fail();
+    i = stringToken.lastIndex;
+    return JSON.parse(m[0]);
+  };
+  const value = (top) => {
+    space();
+    if (text[i] === "{") {
+      i++;
+      const entries = [];
+      space();
+      if (text[i] === "}") i++;
+      else
+        for (;;) {
+          space();
+          const key = string();
+          space();
+          if (text[i++] !== ":") fail();
+          entries.push([key, value(false)]);
+          space();
+          if (text[i] === ",") { i++; continue; }
+          if (text[i++] !== "}") fail();
+          break;
+        }
+      const kept = top ? entries.filter(([k]) => k !== "integrity") : entries;
+      kept.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)); // keys are ASCII: code units order = code points
+      return "{" + kept.map(([k, v]) => JSON.stringify(k) + ":" + v).join(",") + "}";
+    }
+    if (text[i] === "[") {
+      i++;
+      const items = [];
+      space();
+      if (text[i] === "]") i++;
+      else
+        for (;;) {
+          items.push(value(false));
+          space();
+          if (text[i] === ",") { i++; continue; }
+          if (text[i++] !== "]") fail();
+          break;
+        }
+      return "[" + items.join(",") + "]";
+    }
+    if (text[i] === '"') return JSON.stringify(string()); // escapes as Python's json.dumps(ensure_ascii=False)
+    literal.lastIndex = i;
+    const m = literal.exec(text) ?? fail();
+    i = literal.lastIndex;
+    return m[0];
+  };
+  return value(true);
+}
+
+// ---- the manifest --------------------------------------------------------------------------
+
+function need(condition, message) {
+  if (!condition) throw new LmnError(`${MANIFEST}: ${message}; re-export the model`);
+}
+
+/** The fields this client reads are present and coherent (lmn.schema.json has the full rules). */
+function checkManifest(m) {
+  if (m?.format !== FORMAT) throw new LmnError(`${MANIFEST} is not an lmn export manifest (format ${JSON.stringify(m?.format)})`);
+  if (m.format_version !== FORMAT_VERSION)
+    throw new LmnError(`${MANIFEST} has manifest format ${m.format_version}; this client reads format ${FORMAT_VERSION}: ` +
+      "re-export the model with the current lmn-export");
+  const v = m.vocabulary;
+  need(v && ["chars", "bytes"].includes(v.kind), "vocabulary.kind must be chars or bytes");
+  need(v.token_ids?.min === 0 && Number.isInteger(v.token_ids?.max) && v.token_ids.max === v.size - 1,
+    "vocabulary.token_ids must be 0..size-1");
+  need(v.kind === "bytes" || [...v.tokens].length === v.size, "vocabulary.tokens must hold `size` code points");
+  need(Array.isArray(v.start?.ids) && v.start.ids.length > 0, "vocabulary.start.ids is missing");
+  need(Array.isArray(m.state?.tensors) && m.state.tensors.every((t) => t.initial === 0), "state.tensors with initial 0");
+  need(m.state.tensors.some((t) => t.name === m.pointer?.tensor), "pointer.tensor must name a state tensor");
+  need(/^(0|[1-9][0-9]{0,18})$/.test(m.pointer.max ?? ""), "pointer.max must be a decimal string");
+  if (m.fast_paths) {
+    const f = m.fast_paths;
+    need(f.graph === "step_levels" && f.pointer === "input" && f.rows === "all" && f.fallback === "step" &&
+      f.levels === "min(trailing_zeros(pointer + 1), levels_cap)", "fast_paths is not the rule this client knows");
+  }
+  if (m.prefill) {
+    const p = m.prefill;
+    need(p.graph === "prefill" && p.starts_from === "initial state" && p.length_min === 1 && p.length_max === "size" &&
+      p.logits_position === "length - 1" && p.pointer_after === "length", "prefill is not the rule this client knows");
+  }
+}
+
+function roleOf(tensors, role) {
+  const found = tensors.filter((t) => t.role === role);
+  if (found.length !== 1) throw new LmnError(`${MANIFEST}: a graph needs exactly one tensor of role ${role}; re-export the model`);
+  return found[0];
+}
+
+function dims(shape) {
+  return shape.map((d) => (d === "batch" ? 1 : d));
+}
+
+// ---- the vocabulary ------------------------------------------------------------------------
+
+/** Text <-> token ids as lmn.json `vocabulary` says: code points of `tokens`, or UTF-8 bytes. */
+export class Vocabulary {
+  constructor(section, unknown) {
+    this.section = section;
+    this.kind = section.kind;
+    this.size = section.size;
+    this.unknown = unknown ?? section.unknown.default;
+    if (!Object.hasOwn(section.unknown.policies, this.unknown))
+      throw new LmnError(`unknown must be one of ${Object.keys(section.unknown.policies).join(", ")}, got ${this.unknown}`);
+    if (this.kind === "chars") {
+      this.tokens = [...section.tokens]; // code points, not UTF-16 units
+      this.index = new Map(this.tokens.map((c, i) => [c, i]));
+    }
+  }
+
+  encode(text) {
+    if (this.kind === "bytes") return [...new TextEncoder().encode(text)];
+    const chars = [...text];
+    const missing = [...new Set(chars.filter((c) => !this.index.has(c)))].sort();
+    if (missing.length && this.unknown === "error")
+      throw new LmnError(`characters not in the model's vocabulary: ${JSON.stringify(missing.join(""))} ` +
+        "(choose unknown = skip to drop them)");
+    return chars.filter((c) => this.index.has(c)).map((c) => this.index.get(c));
+  }
+
+  decode(ids) {
+    if (this.kind === "bytes") return new TextDecoder().decode(Uint8Array.from(ids));
+    return ids.map((i) => this.tokens[i]).join("");
+  }
+
+  /** A streaming decoder: whole characters out; with bytes, a character's leading bytes wait (`pending`). */
+  decoder(pending = []) {
+    return this.kind === "bytes" ? new ByteDecoder(pending) : new CharDecoder(this.tokens, pending);
+  }
+}
+
+class CharDecoder {
+  constructor(tokens, pending) {
+    if (pending.length) throw new LmnError("a character vocabulary holds no pending bytes");
+    this.tokens = tokens;
+    this.pending = [];
+  }
+  decode(id) {
+    return this.tokens[id];
+  }
+  skip() {}
+}
+
+/** UTF-8 bytes -> characters; a broken sequence becomes U+FFFD. `pending`: the start of a character. */
+class ByteDecoder {
+  constructor(pending) {
+    this.text = new TextDecoder("utf-8");
+    this.recent = [];
+    this.skip(pending);
+    if (this.pending.length !== pending.length) throw new LmnError("pending bytes are not the start of a UTF-8 character");
+  }
+  decode(id) {
+    this.recent = [...this.recent, id].slice(-3);
+    return this.text.decode(Uint8Array.of(id), { stream: true });
+  }
+  skip(ids) {
+    for (const id of ids) this.decode(id);
+  }
+  /** The bytes the decoder holds: the longest recent suffix that is an incomplete character. */
+  get pending() {
+    for (let k = this.recent.length; k > 0; k--) {
+      const tail = this.recent.slice(-k);
+      if (tail[0] >= 0xc2 && new TextDecoder().decode(Uint8Array.from(tail), { stream: true }) === "") return tail;
+    }
+    return [];
+  }
+}
+
+// ---- the model -----------------------------------------------------------------------------
+
+/** lmn.json, read and checked: format 2, the fields this client uses, and (`verify`) its own sha256. */
+export async function readManifest(fetchFile, { verify = true } = {}) {
+  const text = new TextDecoder().decode(await fetchFile(MANIFEST));
+  let manifest;
+  try {
+    manifest = JSON.parse(text);
+  } catch (e) {
+    throw new LmnError(`${MANIFEST} is not valid JSON (${e.message}); re-export the model`);
+  }
+  checkManifest(manifest);
+  if (verify) {
+    const digest = await sha256Hex(new TextEncoder().encode(canonicalManifest(text)));
+    if (digest !== manifest.integrity?.sha256)
+      throw new LmnError(`${MANIFEST} was modified after export (its content does not match its own sha256); ` +
+        "re-export the model, or restore the folder");
+  }
+  return manifest;
+}
+
+/** A file of the folder matches its size and sha256 in lmn.json `files`. */
+export async function checkFile(manifest, name, bytes) {
+  const want = manifest.files[name];
+  if (!want) throw new LmnError(`${MANIFEST} lists no digest for ${name}; re-export the model`);
+  if (bytes.length !== want.bytes || (await sha256Hex(bytes)) !== want.sha256)
+    throw new LmnError(`${name} does not match its sha256 in ${MANIFEST} (truncated or replaced); re-export the model`);
+}
+
+/**
+ * Load an export folder: lmn.json (format, integrity), the graphs of `precision` (checked against
+ * `files` digests when `verify`), their sessions with inputs and outputs checked against the roles.
+ */
+export async function loadModel({ ort, fetchFile, precision = "fp32", verify = true, unknown, sessionOptions = {},
+                                  prefillMinTokens = PREFILL_MIN_TOKENS, manifest } = {}) {
+  manifest ??= await readManifest(fetchFile, { verify });
+  const model = new Model(ort, fetchFile, manifest, { precision, verify, unknown, sessionOptions, prefillMinTokens });
+  await model.open();
+  return model;
+}
+
+export class Model {
+  constructor(ort, fetchFile, manifest, { precision, verify, unknown, sessionOptions, prefillMinTokens }) {
+    this.ort = ort;
+    this.fetchFile = fetchFile;
+    this.manifest = manifest;
+    this.precision = precision;
+    this.verify = verify;
+    this.prefillMinTokens = prefillMinTokens;
+    this.sessionOptions = { graphOptimizationLevel: "all", intraOpNumThreads: 1, interOpNumThreads: 1, ...sessionOptions };
+    this.vocab = new Vocabulary(manifest.vocabulary, unknown);
+    this.startIds = manifest.vocabulary.start.ids;
+    this.pointerMax = BigInt(manifest.pointer.max); // the largest input pointer the step graphs support
+    this.pointerTensor = manifest.pointer.tensor;
+    const onnx = manifest.graphs.filter((g) => g.target === "onnx");
+    this.precisions = [...new Set(onnx.filter((g) => g.name === "step").map((g) => g.precision))];
+    this.stepGraph = onnx.find((g) => g.name === "step" && g.precision === precision);
+    if (!this.stepGraph)
+      throw new LmnError(`the export has no ${precision} ONNX step graph (it has ${this.precisions.join(", ") || "none"})`);
+    // fast paths: step graphs valid where lmn.json fast_paths gives k levels
+    this.fastGraphs = new Map(onnx.filter((g) => g.name === "step_levels" && g.precision === precision).map((g) => [g.levels, g]));
+    const rule = manifest.fast_paths;
+    this.fastRule = rule && { from: BigInt(rule.valid_from_pointer), cap: BigInt(rule.levels_cap) };
+    // prefill: per size, this precision's graph, else the fp32 one (lmn.json does not say; the Python runtime does this)
+    const prefill = new Map();
+    for (const p of [...new Set(["fp32", precision])])
+      for (const g of onnx.filter((g) => g.name === "prefill" && g.precision === p)) prefill.set(g.size, g);
+    this.prefillGraphs = manifest.prefill ? [...prefill.values()].sort((a, b) => a.size - b.size) : [];
+    this.sessions = new Map(); // file -> Promise<session>
+    const tensors = new Map(manifest.state.tensors.map((t) => [t.name, t]));
+    for (const g of [this.stepGraph, ...this.fastGraphs.values()]) {
+      need(g.state.length === tensors.size && g.state.every((p) => tensors.has(p.tensor)),
+        `graph ${g.file} must carry every state tensor`);
+    }
+    this.stateTensors = tensors;
+  }
+
+  async open() {
+    await Promise.all([this.stepGraph, ...this.fastGraphs.values()].map((g) => this.session(g)));
+  }
+
+  /** The session of a graph (created once), its file checked against `files` and its I/O against the roles. */
+  session(graph) {
+    if (!this.sessions.has(graph.file)) this.sessions.set(graph.file, this.openSession(graph));
+    return this.sessions.get(graph.file);
+  }
+
+  async openSession(graph) {
+    const bytes = await this.fetchFile(graph.file);
+    if (this.verify) await checkFile(this.manifest, graph.file, bytes);
+    let session;
+    try {
+      session = await this.ort.InferenceSession.create(bytes, this.sessionOptions);
+    } catch (e) {
+      throw new LmnError(`onnxruntime cannot load ${graph.file} (${String(e.message ?? e).split("\n")[0]})`);
+    }
+    const same = (a, b) => a.length === b.length && [...a].sort().join("\0") === [...b].sort().join("\0");
+    if (!same(session.inputNames, graph.inputs.map((t) => t.name)) || !same(session.outputNames, graph.outputs.map((t) => t.name)))
+      throw new LmnError(`${graph.file} has inputs ${session.inputNames} and outputs ${session.outputNames}, not the ones ` +
+        `${MANIFEST} declares; the folder mixes files of different exports: re-export it`);
+    return session;
+  }
+
+  /** The step_levels graph lmn.json `fast_paths` picks for a step at input pointer p, else the step graph. */
+  graphFor(pointer) {
+    const rule = this.fastRule;
+    if (!rule || pointer < rule.from) return this.stepGraph;
+    let zeros = 0n;
+    for (let q = pointer + 1n; (q & 1n) === 0n; q >>= 1n) zeros++;
+    const levels = Number(zeros < rule.cap ? zeros : rule.cap);
+    return this.fastGraphs.get(levels) ?? this.stepGraph;
+  }
+
+  /** The ids are whole numbers in lmn.json `vocabulary.token_ids` (the graphs do not check). */
+  checkIds(ids) {
+    const { min, max } = this.manifest.vocabulary.token_ids;
+    const bad = ids.filter((i) => !Number.isInteger(i) || i < min || i > max);
+    if (bad.length) throw new LmnError(`token ids out of range: they must be whole numbers in [${min}, ${max}]; got ${bad.slice(0, 5)}`);
+  }
+
+  /** The state tensors of `state.tensors` with their initial value (0), the pointer set to p (`state.start_at_pointer`). */
+  initialState(pointer = 0n) {
+    const state = {};
+    for (const t of this.stateTensors.values()) {
+      const shape = dims(t.shape);
+      const data = new ARRAYS[t.dtype](shape.reduce((a, b) => a * b, 1)); // zeros
+      if (t.name === this.pointerTensor) data.fill(t.dtype === "int64" ? BigInt(pointer) : Number(pointer));
+      state[t.name] = new this.ort.Tensor(t.dtype, data, shape);
+    }
+    return state;
+  }
+
+  stream(options) {
+    return new Stream(this, options);
+  }
+}
+
+// ---- sampling ------------------------------------------------------------------------------
+
+/** The lowest id among the equal maxima (the contract's greedy). */
+export function argmax(logits) {
+  let best = 0;
+  for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+  return best;
+}
+
+/** Greedy at temperature 0; else a draw from softmax(logits / temperature) over the top_k ids. */
+export function sample(logits, { temperature = 0, topK = 0, random = Math.random } = {}) {
+  if (!(temperature >= 0)) throw new LmnError(`temperature must be >= 0, got ${temperature}`);
+  if (temperature === 0) return argmax(logits);
+  let ids = [...logits.keys()];
+  if (topK > 0) ids = ids.sort((a, b) => logits[b] - logits[a] || a - b).slice(0, topK);
+  const top = Math.max(...ids.map((i) => logits[i]));
+  const weights = ids.map((i) => Math.exp((logits[i] - top) / temperature));
+  let r = random() * weights.reduce((a, b) => a + b, 0);
+  for (let k = 0; k < ids.length; k++) if ((r -= weights[k]) < 0) return ids[k];
+  return ids[ids.length - 1];
+}
+
+// ---- a stream ------------------------------------------------------------------------------
+
+const STATE_MAGIC = "LMNSTATE";
+const STATE_VERSION = 1;
+
+/** One stream's state over a shared Model: feed text or ids, generate, save and restore. */
+export class Stream {
+  constructor(model, { pointer = 0n } = {}) {
+    const p = typeof pointer === "bigint" ? pointer : Number.isInteger(pointer) ? BigInt(pointer) : NaN;
+    if (typeof p !== "bigint" || p < 0n || p > model.pointerMax)
+      throw new LmnError(`pointer must be a whole number in [0, ${model.pointerMax}] (lmn.json pointer.max), got ${pointer}`);
+    this.model = model;
+    this.startPointer = p;
+    this.state = model.initialState(p);
+    this.logits = null; // Float32Array (V) after the last token fed or generated
+    this.tokensSeen = 0;
+    this.decoder = model.vocab.decoder();
+    this.calls = {}; // graph file -> calls: which graph did the work
+  }
+
+  /** The input pointer of the next step. */
+  get pointer() {
+    return BigInt(this.state[this.model.pointerTensor].data[0]);
+  }
+
+  /** Back to the initial state at the pointer this stream started at. */
+  reset() {
+    Object.assign(this, new Stream(this.model, { pointer: this.startPointer }));
+  }
+
+  /** `count` more tokens fit: the last of them steps from a pointer <= pointer.max. */
+  checkRoom(count) {
+    if (this.pointer + BigInt(count) - 1n > this.model.pointerMax)
+      throw new LmnError(`the stream is at pointer ${this.pointer} and this export supports pointers up to ` +
+        `${this.model.pointerMax} (lmn.json pointer.max); ${count} more tokens do not fit: reset the stream`);
+  }
+
+  count(file) {
+    this.calls[file] = (this.calls[file] ?? 0) + 1;
+  }
+
+  /** Feed token ids; a long first feed of an empty stream at pointer 0 goes through a prefill graph. */
+  async feedIds(ids) {
+    ids = [...ids];
+    this.model.checkIds(ids);
+    this.checkRoom(ids.length);
+    const m = this.model;
+    if (this.tokensSeen === 0 && this.startPointer === 0n && ids.length >= m.prefillMinTokens && m.prefillGraphs.length) {
+      const used = await this.prefill(ids);
+      ids = ids.slice(used);
+    }
+    for (const id of ids) await this.step(id);
+  }
+
+  async feed(text) {
+    await this.feedIds(this.model.vocab.encode(text));
+  }
+
+  /**
+   * lmn.json `prefill`: from the initial state only, the smallest graph whose size holds the ids
+   * (or the largest, for the first `size` of them); returns how many ids it consumed.
+   */
+  async prefill(ids) {
+    const m = this.model;
+    if (this.tokensSeen !== 0 || this.pointer !== 0n) throw new LmnError("a prefill graph runs from the initial state only");
+    m.checkIds(ids);
+    const graph = m.prefillGraphs.find((g) => g.size >= ids.length) ?? m.prefillGraphs[m.prefillGraphs.length - 1];
+    const used = Math.min(ids.length, graph.size);
+    if (!(used >= m.manifest.prefill.length_min && used <= graph.size))
+      throw new LmnError(`prefill length must be in [1, ${graph.size}], got ${used}`);
+    const tokensSpec = roleOf(graph.inputs, "tokens");
+    const lengthSpec = roleOf(graph.inputs, "length");
+    const tokens = new ARRAYS[tokensSpec.dtype](graph.size);
+    const cast = (dtype, v) => (dtype === "int64" ? BigInt(v) : v);
+    tokens.fill(cast(tokensSpec.dtype, m.manifest.prefill.padding_id));
+    ids.slice(0, used).forEach((id, k) => (tokens[k] = cast(tokensSpec.dtype, id)));
+    const length = ARRAYS[lengthSpec.dtype].of(cast(lengthSpec.dtype, used));
+    const session = await m.session(graph);
+    const out = await session.run({
+      [tokensSpec.name]: new m.ort.Tensor(tokensSpec.dtype, tokens, dims(tokensSpec.shape)),
+      [lengthSpec.name]: new m.ort.Tensor(lengthSpec.dtype, length, [1]),
+    });
+    const state = {};
+    for (const t of graph.outputs.filter((t) => t.role === "state")) state[t.state] = out[t.name];
+    if (Object.keys(state).length !== m.stateTensors.size) throw new LmnError(`${graph.file} does not output every state tensor`);
+    this.state = state;
+    if (this.pointer !== BigInt(used)) throw new LmnError(`${graph.file} returned pointer ${this.pointer}, expected ${used}`);
+    this.logits = out[roleOf(graph.outputs, "logits").name].data.slice(0, m.vocab.size);
+    this.tokensSeen = used;
+    this.decoder.skip(ids.slice(0, used));
+    this.count(graph.file);
+    return used;
+  }
+
+  /** Feed one token id through the graph the fast-path rule picks; returns the logits (V). */
+  async step(id) {
+    const m = this.model;
+    m.checkIds([id]);
+    this.checkRoom(1);
+    const graph = m.graphFor(this.pointer);
+    const token = roleOf(graph.inputs, "token");
+    const feeds = { [token.name]: new m.ort.Tensor(token.dtype, ARRAYS[token.dtype].of(token.dtype === "int64" ? BigInt(id) : id), [1]) };
+    for (const pair of graph.state) feeds[pair.input] = this.state[pair.tensor];
+    const out = await (await m.session(graph)).run(feeds);
+    const state = {};
+    for (const pair of graph.state) state[pair.tensor] = out[pair.output];
+    this.state = state;
+    this.logits = out[roleOf(graph.outputs, "logits").name].data.slice(0, m.vocab.size);
+    this.tokensSeen += 1;
+    this.count(graph.file);
+    return this.logits;
+  }
+
+  /**
+   * Generate up to `maxTokens` tokens, each fed back, yielding characters as they complete
+   * (temperature 0: greedy). An empty stream is first fed lmn.json `vocabulary.start`.
+   */
+  async *generate(maxTokens, { temperature = 0, topK = 0, random = Math.random } = {}) {
+    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new LmnError(`maxTokens must be a whole number >= 0, got ${maxTokens}`);
+    if (maxTokens === 0) return;
+    if (this.logits === null) await this.feedIds(this.model.startIds);
+    for (let k = 0; k < maxTokens; k++) {
+      this.checkRoom(1);
+      const id = sample(this.logits, { temperature, topK, random });
+      await this.step(id);
+      const chars = this.decoder.decode(id);
+      if (chars) yield chars;
+    }
+  }
+
+  /** The identity a state file carries (as runtime/stream.py writes it). */
+  identity() {
+    return { model: this.model.manifest.source?.sha256 ?? "", backend_state: this.model.stepGraph.state.map((p) => p.input) };
+  }
+
+  /**
+   * This stream's state as a state file of the Python runtime (runtime/state_file.py): MAGIC |
+   * header length (u32 LE) | header JSON | arrays | sha256 of all before. `extra`: more header fields.
+   */
+  async saveState(extra = {}) {
+    const arrays = this.model.stepGraph.state.map((p) => [p.input, this.state[p.tensor]]);
+    const specs = arrays.map(([name, t]) => ({ name, dtype: t.type, shape: [...t.dims] }));
+    const datas = arrays.map(([, t]) => t.data);
+    if (this.logits) {
+      specs.push({ name: "logits", dtype: "float32", shape: [this.logits.length] });
+      datas.push(this.logits);
+    }
+    const header = { ...extra, version: STATE_VERSION, ...this.identity(), tokens_seen: this.tokensSeen,
+                     pending_bytes: this.decoder.pending.map((b) => b.toString(16).padStart(2, "0")).join(""), arrays: specs };
+    const head = new TextEncoder().encode(JSON.stringify(header));
+    const size = 12 + head.length + datas.reduce((a, d) => a + d.byteLength, 0);
+    const body = new Uint8Array(size);
+    body.set(new TextEncoder().encode(STATE_MAGIC), 0);
+    new DataView(body.buffer).setUint32(8, head.length, true);
+    body.set(head, 12);
+    let offset = 12 + head.length;
+    for (const d of datas) {
+      body.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset); // little-endian hosts (all of them in practice)
+      offset += d.byteLength;
+    }
+    const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", body));
+    const file = new Uint8Array(size + 32);
+    file.set(body);
+    file.set(digest, size);
+    return file;
+  }
+
+  /** Replace this stream's state with a saved one (checked first; on an error nothing changes). Returns the header. */
+  async loadState(bytes) {
+    const fail = (why) => {
+      throw new LmnError(`not a usable state file for this model: ${why}; nothing was loaded`);
+    };
+    bytes = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+    if (bytes.length < 44 || new TextDecoder().decode(bytes.subarray(0, 8)) !== STATE_MAGIC) fail("no LMNSTATE header");
+    const body = bytes.subarray(0, bytes.length - 32);
+    const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", body.slice()));
+    if (digest.some((b, k) => b !== bytes[body.length + k])) fail("truncated or corrupt (checksum mismatch)");
+    const headLength = new DataView(body.buffer, body.byteOffset).getUint32(8, true);
+    let header;
+    try {
+      header = JSON.parse(new TextDecoder().decode(body.subarray(12, 12 + headLength)));
+    } catch {
+      fail("unreadable header");
+    }
+    if (header.version !== STATE_VERSION) fail(`state format version ${header.version}`);
+    const identity = this.identity();
+    for (const [key, want] of Object.entries(identity))
+      if (JSON.stringify(header[key]) !== JSON.stringify(want)) fail(`it belongs to another model (${key} differs)`);
+    const m = this.model;
+    const byInput = new Map(m.stepGraph.state.map((p) => [p.input, p.tensor]));
+    const state = {};
+    let logits = null;
+    let offset = 12 + headLength;
+    for (const spec of header.arrays ?? []) {
+      const tensor = byInput.get(spec.name);
+      const want = tensor ? m.stateTensors.get(tensor) : { dtype: "float32", shape: [m.vocab.size] };
+      if (!tensor && spec.name !== "logits") fail(`unexpected array ${spec.name}`);
+      if (spec.dtype !== want.dtype || JSON.stringify(spec.shape) !== JSON.stringify(dims(want.shape))) fail(`${spec.name} has the wrong shape or dtype`);
+      const count = spec.shape.reduce((a, b) => a * b, 1);
+      const Array_ = ARRAYS[spec.dtype];
+      const data = new Array_(body.slice(offset, offset + count * Array_.BYTES_PER_ELEMENT).buffer);
+      if (data.length !== count) fail("array sizes do not add up");
+      offset += data.byteLength;
+      if (tensor) state[tensor] = new m.ort.Tensor(spec.dtype, data, spec.shape);
+      else logits = data;
+    }
+    if (offset !== body.length || Object.keys(state).length !== m.stateTensors.size) fail("array sizes do not add up");
+    if (!Number.isInteger(header.tokens_seen) || header.tokens_seen < 0 || (logits === null) !== (header.tokens_seen === 0))
+      fail(`tokens_seen ${header.tokens_seen} does not fit its logits`);
+    if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail("pointer out of range");
+    const pending = (header.pending_bytes ?? "").match(/../g)?.map((h) => parseInt(h, 16)) ?? [];
+    let decoder;
+    try {
+      decoder = m.vocab.decoder(pending);
+    } catch (e) {
+      fail(e.message);
+    }
+    Object.assign(this, { state, logits, tokensSeen: header.tokens_seen, decoder });
+    return header;
+  }
+}
+
+// ---- conformance ---------------------------------------------------------------------------
+
+/** The top-2 margin of logits (float64). */
+export function margin(logits) {
+  let a = -Infinity;
+  let b = -Infinity;
+  for (const v of logits) {
+    if (v > a) [a, b] = [v, a];
+    else if (v > b) b = v;
+  }
+  return a - b;
+}
+
+/** Run one case of conformance.json through a fresh stream (its `about` says how). */
+export async function runCase(model, kase) {
+  const stream = model.stream({ pointer: BigInt(kase.start_pointer) });
+  const wanted = new Set(Object.keys(kase.logits).map(Number));
+  const observed = { argmax: [], logits: new Map(), greedy: [], margins: [] };
+  const record = () => {
+    const step = observed.argmax.length;
+    observed.argmax.push(argmax(stream.logits));
+    if (wanted.has(step)) observed.logits.set(step, Float32Array.from(stream.logits));
+  };
+  if (kase.prompt?.length) {
+    await stream.feedIds(kase.prompt); // a prefill graph where the runtime chooses one, as for a user's prompt
+    record();
+  }
+  for (const token of kase.tokens) {
+    await stream.feedIds([token]);
+    record();
+  }
+  for (let k = 0; k < (kase.greedy?.ids.length ?? 0); k++) {
+    const id = argmax(stream.logits);
+    observed.greedy.push(id);
+    observed.margins.push(margin(stream.logits));
+    await stream.feedIds([id]);
+  }
+  observed.calls = stream.calls;
+  return observed;
+}
+
+/** conformance.json's judging rules (runtime/conformance.py `judge`): one result per case. */
+export function judge(kase, tolerance, observed) {
+  const want = kase.argmax;
+  const same = observed.argmax.slice(0, want.length).filter((a, k) => a === want[k]).length;
+  const agreement = want.length ? same / want.length : 1;
+  let gap = 0;
+  for (const [step, expected] of Object.entries(kase.logits)) {
+    const got = observed.logits.get(Number(step));
+    if (!got || got.length !== expected.length || !got.every(Number.isFinite)) {
+      gap = null;
+      break;
+    }
+    for (let i = 0; i < expected.length; i++) gap = Math.max(gap, Math.abs(got[i] - expected[i]));
+  }
+  const atol = tolerance.logits_atol;
+  let greedyOk = true;
+  let detail = "";
+  const expectedGreedy = kase.greedy?.ids ?? [];
+  for (let k = 0; k < Math.min(observed.greedy.length, expectedGreedy.length); k++) {
+    if (observed.greedy[k] !== expectedGreedy[k]) {
+      greedyOk = kase.greedy.margins[k] <= 2 * atol;
+      detail = `greedy token ${k}: ${observed.greedy[k]} vs ${expectedGreedy[k]} (expected margin ${kase.greedy.margins[k].toPrecision(3)})`;
+      break;
+    }
+  }
+  if (observed.greedy.length !== expectedGreedy.length) {
+    greedyOk = false;
+    detail = `generated ${observed.greedy.length} greedy tokens, expected ${expectedGreedy.length}`;
+  }
+  const passed = gap !== null && gap <= atol && agreement >= tolerance.min_argmax_agreement && greedyOk &&
+    observed.argmax.length === want.length;
+  return { name: kase.name, precision: kase.precision, passed, argmax_agreement: agreement, max_logit_gap: gap,
+           greedy_ok: greedyOk, detail };
+}

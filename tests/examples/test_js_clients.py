@@ -1,0 +1,236 @@
+"""The JavaScript clients of an export folder, written from lmn.json alone: the Node verifier
+(examples/node) passes conformance.json and fails a tampered one; the web page (examples/web), in
+a real headless Chromium against a local static server, continues a prompt greedily exactly as the
+Python runtime does. Skipped where `npm ci` or Chromium has not been run (a user's clone); CI
+(.ci/run) installs both."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR, WEB_DIR = ROOT / "examples" / "node", ROOT / "examples" / "web"
+SHIPPED = ROOT / "runtime" / "default"
+CHROMIUM = Path("/usr/bin/chromium")
+NODE = shutil.which("node")
+
+
+def needs(folder: Path, package: str) -> None:
+    if NODE is None:
+        pytest.skip("needs Node.js (node on PATH)")
+    if not (folder / "node_modules" / package).is_dir():
+        pytest.skip(f"needs {package}: run `npm ci` in {folder.relative_to(ROOT)}")
+
+
+def shipped_export() -> Path:
+    if json.loads((SHIPPED / "lmn.json").read_text(encoding="utf-8")).get("format_version") != runtime.FORMAT_VERSION:
+        pytest.skip("runtime/default is not manifest format 2 yet: re-export it with lmn-export")
+    return SHIPPED
+
+
+def verify(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    needs(NODE_DIR, "onnxruntime-node")
+    return subprocess.run([NODE, str(NODE_DIR / "verify.mjs"), str(directory), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def node_script(source: str, *args: str) -> subprocess.CompletedProcess:
+    """Run an ES module next to examples/node/lmn.mjs (so that it resolves onnxruntime-node)."""
+    needs(NODE_DIR, "onnxruntime-node")
+    return subprocess.run([NODE, "--input-type=module", "-e", source, *args], cwd=NODE_DIR, capture_output=True,
+                          text=True, timeout=120)
+
+
+def python_greedy(directory: Path, prompt: str, count: int) -> str:
+    stream = runtime.Stream(runtime.load(directory))
+    stream.feed(prompt)
+    return "".join(stream.generate(count, temperature=0))
+
+
+# ---- the Node verifier ----
+
+
+def test_node_client_passes_the_shipped_conformance_vectors():
+    directory = shipped_export()
+    done = verify(directory, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    cases = json.loads((directory / "conformance.json").read_text(encoding="utf-8"))["cases"]
+    assert report["passed"] and len(report["cases"]) == len(cases)
+    assert {c["precision"] for c in report["cases"]} == {c["precision"] for c in cases}
+
+
+def test_wasm_kernels_pass_the_shipped_conformance_vectors():
+    """The page's onnxruntime-web WASM build, run by the same client in Node, conforms at every precision:
+    fp32 within 2e-4, the quantized graphs (whose int8 kernels round activations their own way) within
+    the file's quantized tolerance."""
+    needs(WEB_DIR, "onnxruntime-web")
+    done = verify(shipped_export(), "--ort", "web")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "16 of 16 cases passed" in done.stdout and "onnxruntime-web" in done.stdout
+
+
+def test_node_client_passes_a_fresh_export(export_dir):
+    done = verify(export_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("ok ") for line in lines) == 4 and lines[-1].startswith("4 of 4 cases passed"), done.stdout
+
+
+@pytest.mark.parametrize("tamper", ["logit", "greedy id"])
+def test_node_client_fails_a_case_beyond_tolerance(export_dir, tmp_path, tamper):
+    """A negative control: the same vectors with one expected value changed beyond tolerance fail (exit 1)."""
+    data = json.loads((export_dir / "conformance.json").read_text(encoding="utf-8"))
+    case = next(c for c in data["cases"] if c.get("greedy"))
+    atol = data["tolerances"][case["precision"]]["logits_atol"]
+    if tamper == "logit":
+        step = sorted(case["logits"], key=int)[-1]
+        case["logits"][step][3] += 50 * atol
+    else:
+        k = next(i for i, m in enumerate(case["greedy"]["margins"]) if m > 2 * atol)  # not a tie: must match
+        vocab_size = len(next(iter(case["logits"].values())))
+        case["greedy"]["ids"][k] = (case["greedy"]["ids"][k] + 1) % vocab_size
+    cases = tmp_path / "conformance.json"
+    cases.write_text(json.dumps(data), encoding="utf-8")
+    done = verify(export_dir, "--cases", str(cases))
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and case["name"] in failed[0], done.stdout
+    assert ("greedy token" in failed[0]) == (tamper == "greedy id")
+
+
+def test_node_client_refuses_a_folder_that_does_not_match_its_manifest(export_dir, tmp_path):
+    """conformance.json and every graph are checked against lmn.json's sha256 (exit 2), lmn.json against its own."""
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    path = folder / "conformance.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"argmax": [', '"argmax": [0, ', 1), encoding="utf-8")
+    done = verify(folder)
+    assert done.returncode == 2 and "conformance.json does not match its sha256" in done.stderr, done.stderr
+    shutil.copyfile(export_dir / "conformance.json", path)
+    manifest = json.loads((folder / "lmn.json").read_text(encoding="utf-8"))
+    manifest["pointer"]["max"] = str(int(manifest["pointer"]["max"]) + 1)
+    (folder / "lmn.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    done = verify(folder)
+    assert done.returncode == 2 and "modified after export" in done.stderr, done.stderr
+
+
+GUARDS = """
+import { readFile, writeFile } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { loadModel } from "./lmn.mjs";
+const [dir, prompt, stateFile] = process.argv.slice(1);
+const model = await loadModel({ ort, fetchFile: async (name) => new Uint8Array(await readFile(dir + "/" + name)) });
+const refused = async (what) => { try { await what(); return "accepted"; } catch (e) { return e.name + ": " + e.message; } };
+const stream = model.stream();
+const out = {
+  negative_id: await refused(() => stream.feedIds([-1])),
+  id_past_vocab: await refused(() => stream.feedIds([model.vocab.size])),
+  fractional_id: await refused(() => stream.feedIds([1.5])),
+  start_past_max: await refused(() => model.stream({ pointer: model.pointerMax + 1n })),
+};
+const top = model.stream({ pointer: model.pointerMax });
+await top.feedIds([1]);
+out.step_past_max = await refused(() => top.feedIds([1]));
+out.tokens_seen_after_refusals = stream.tokensSeen;
+await stream.feed(prompt);
+await writeFile(stateFile, await stream.saveState());
+out.greedy = "";
+for await (const c of stream.generate(40)) out.greedy += c;
+console.log(JSON.stringify(out));
+"""
+
+
+def test_node_client_guards_and_state_files_match_the_python_runtime(export_dir, tmp_path):
+    """Out-of-range ids and pointers are refused before any graph runs; a state the Node client saves loads
+    in the Python runtime and continues the same way, and both continue the prompt as Python does."""
+    prompt, state = "To be, or not to be, that is the question:\n", tmp_path / "node.lmnstate"
+    done = node_script(GUARDS, str(export_dir), prompt, str(state))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for key in ("negative_id", "id_past_vocab", "fractional_id"):
+        assert out[key].startswith("LmnError: token ids out of range"), out
+    assert "pointer must be a whole number" in out["start_past_max"] and "pointer.max" in out["step_past_max"], out
+    assert out["tokens_seen_after_refusals"] == 0
+    assert out["greedy"] == python_greedy(export_dir, prompt, 40)
+    resumed = runtime.Stream(runtime.load(export_dir))
+    resumed.load(state)
+    assert resumed.tokens_seen == len(prompt)
+    assert "".join(resumed.generate(40, temperature=0)) == out["greedy"]
+
+
+# ---- the web page in headless Chromium ----
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """The repo root, and the export under test at /export/ (so the page loads it with ?export=/export/)."""
+
+    export: Path = SHIPPED
+
+    def translate_path(self, path: str) -> str:
+        clean = urllib.parse.urlsplit(path).path
+        if clean.startswith("/export/"):
+            return str(self.export / urllib.parse.unquote(clean[len("/export/"):]))
+        return super().translate_path(path)
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def serve():
+    """Start a static server on 127.0.0.1 (ephemeral port) for an export; yields a function export -> base URL."""
+    servers = []
+
+    def start(export: Path) -> str:
+        handler = type("ExportHandler", (Handler,), {"export": export})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(ROOT)))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def page_greedy(base: str, prompt: str, count: int) -> dict:
+    needs(WEB_DIR, "onnxruntime-web")
+    needs(WEB_DIR, "playwright-core")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"needs Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    query = urllib.parse.urlencode({"export": "/export/", "prompt": prompt, "greedy": count, "autorun": 1})
+    done = subprocess.run([NODE, str(WEB_DIR / "drive.mjs"), f"{base}/examples/web/?{query}", "--chromium", str(CHROMIUM)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert done.returncode == 0 and report["done"] == "1", report
+    return report
+
+
+@pytest.mark.parametrize("which", ["shipped", "fresh"])
+def test_page_continues_a_prompt_as_the_python_runtime_does(which, serve, request):
+    """Greedy from a prompt fed at once (prefill) on into the fast paths (the memory full), in WASM."""
+    if which == "shipped":
+        export, prompt = shipped_export(), "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    else:
+        export, prompt = request.getfixturevalue("export_dir"), "To be, or not to be, that is the question:\n"
+    manifest = json.loads((export / "lmn.json").read_text(encoding="utf-8"))
+    count = manifest["fast_paths"]["valid_from_pointer"] + 40 - len(prompt)  # the last 40 steps may take the fast paths
+    report = page_greedy(serve(export), prompt, count)
+    assert report["result"] == python_greedy(export, prompt, count)
+    graph_of = {g["file"]: g["name"] for g in manifest["graphs"]}
+    assert {graph_of[file] for file in report["calls"]} == {"prefill", "step", "step_levels"}, report["calls"]
