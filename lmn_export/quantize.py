@@ -184,6 +184,23 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def folded_constants(source: Path):
+    """`source` with every subgraph of constants computed into an initializer (onnxruntime's basic,
+    standard-ONNX optimizations: constant folding, redundant-node removal), so that a weight that
+    reaches its MatMul through Reshape, Transpose, Slice or a mask (the summarizer's) is a plain
+    constant the quantizer can take."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as work:
+        folded = Path(work) / "folded.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(folded)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        return onnx.load(str(folded))
+
+
 def _matmul_form(model) -> None:
     """Rewrite each Gemm with a constant weight (alpha = beta = 1, no transA) as MatMul (+ Add of its
     bias), the weight stored (K, N): onnxruntime's weight-only quantizer takes MatMul only."""
@@ -343,10 +360,9 @@ def quantize_weight_only(source: Path, target: Path, precision: str, block: int,
                          plan: dict[str, int | None] | None = None, accuracy_level: int | None = ACCURACY_LEVEL) -> dict:
     """Write `target`: `source` with its weights at BITS[precision], except where `plan` (weight key ->
     bits, None: fp32) says otherwise. Returns the manifest's `quantization` object for it."""
-    import onnx
 
     bits, plan = BITS[precision], plan or {}
-    model = onnx.load(str(source))
+    model = folded_constants(source)
     _matmul_form(model)
     chosen = {name: plan.get(key, bits) for name, key in _weights(model).items()}
     for b in sorted({b for b in chosen.values() if b is not None}):
@@ -444,11 +460,10 @@ class _Judge:
     def sensitivity(self, block: int) -> list[str]:
         """Weight keys, most damaging first: the KL each one alone at this precision causes (all other
         weights fp32), measured on the step graph, or on the smallest prefill for weights only it has."""
-        import onnx
 
         keys_of = {}
         for g in [self.step, *sorted(self.prefill, key=lambda g: g["size"])]:
-            model = onnx.load(str(self.work / g["file"]))
+            model = folded_constants(self.work / g["file"])  # as quantize_weight_only sees the graph
             _matmul_form(model)
             keys_of[g["file"]] = set(_weights(model).values())
         every = set().union(*keys_of.values())

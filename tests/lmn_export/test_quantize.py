@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmn_export.export import ExportOptions, check_options, export
 from lmn_export.onnx_export import ExportError
-from lmn_export.quantize import quantize_weight_only
+from lmn_export.quantize import _matmul_form, _weights, folded_constants, quantize_weight_only
 
 V, E, H, N = 65, 64, 48, 40
 
@@ -147,9 +147,9 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
     """A model too wide to fold its attention (logmem-128 and up) reads k_proj, v_proj and out_proj
     each as the constant 2-D operand of one product, so weight-only quantization takes every weight
     matrix of the 0-level fast path and every attention weight of the general step (whose summarizer
-    weight, sliced into a block-diagonal matrix in the graph, stays fp32 and listed); both fp32
-    graphs match PyTorch within 1e-4 (float rounding, ~1e-6 here). Negative control: k_proj reaching
-    its MatMul through a Transpose, the form that defeated the quantizer, is left fp32 and listed."""
+    weight, masked into a block-diagonal matrix in the graph, is folded into a constant first); both
+    fp32 graphs match PyTorch within 1e-4 (float rounding, ~1e-6 here). Negative control: with every
+    weight kept fp32 by the plan, every matrix is listed."""
     import models.lmn
     from lmn_export import onnx_export
     from lmn_export.predictors import FastPathPredictor, OnnxPredictor
@@ -176,15 +176,11 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
     assert summary["fp32_weights"] == [], summary["fp32_weights"]
     assert summary["ops"]["MatMulNBits"] == 6 * L + 1  # q, k, v, out, ff up, ff down per layer; the head
     summary = quantize_weight_only(tmp_path / "step.onnx", tmp_path / "step.int4.onnx", "int4", 32)
-    assert not [w for w in summary["fp32_weights"] if ".attn." in w], summary["fp32_weights"]
-    assert {w for w in summary["fp32_weights"] if w.startswith("model.")} == {
-        f"model.blocks.{i}.memory.summarize.weight" for i in range(L)}
+    assert summary["fp32_weights"] == [], summary["fp32_weights"]  # the summarizer too, once its mask is folded
 
-    fp32 = onnx.load(str(tmp_path / "fast0.onnx"))
-    weight = "model.blocks.0.attn.k_proj.weight"
-    init = next(t for t in fp32.graph.initializer if t.name == weight)
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).T.copy(), weight + "_t"))
-    fp32.graph.node.insert(0, helper.make_node("Transpose", [weight + "_t"], [weight], name="k_transposed"))
-    onnx.save(fp32, str(tmp_path / "t.onnx"))
-    summary = quantize_weight_only(tmp_path / "t.onnx", tmp_path / "t.int4.onnx", "int4", 32)
-    assert summary["fp32_weights"] == [weight + "_t"]
+    # negative control: the listing reports what stays fp32 (every matrix, when the plan keeps them all)
+    model_folded = folded_constants(tmp_path / "fast0.onnx")
+    _matmul_form(model_folded)
+    keep_all = {key: None for key in _weights(model_folded).values()}
+    summary = quantize_weight_only(tmp_path / "fast0.onnx", tmp_path / "kept.onnx", "int4", 32, keep_all)
+    assert len(summary["fp32_weights"]) == 6 * L + 2 and summary["ops"]["MatMulNBits"] == 0  # and the embedding
