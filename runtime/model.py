@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
-from .manifest import MANIFEST, Manifest, ManifestError, read_manifest, role_name
+from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name
 from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
@@ -25,8 +25,8 @@ def check_load_arguments(threads, backend, unknown, precision, verify) -> None:
         raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if backend == "coreml" and precision != "fp32":
-        raise ValueError("the Core ML backend runs the export's Core ML graph; precision applies to onnxruntime only")
+    if backend == "coreml" and precision == "dynamic-int8":
+        raise ValueError("dynamic-int8 is an ONNX graph set; the Core ML backend runs fp32 (or the export's fp16), int8 or int4")
     if not isinstance(verify, bool):
         raise ValueError(f"verify must be True or False, got {verify!r}")
     Vocab.check_policy(unknown)
@@ -72,8 +72,13 @@ class ExportedModel:
         self._lock = threading.Lock()
         self._prefill_sessions: dict[int, object] = {}
         self.fast_path_graphs, self.fast_paths = {}, {}
-        if backend == "coreml":
-            self.step_graph = self._graph("step", "coreml")
+        if backend == "coreml":  # "fp32": the export's unquantized Core ML step (fp32 or fp16 compute)
+            found = [g for g in manifest.graphs("coreml", "step") if (precision_of(g) in ("fp32", "fp16")) == (precision == "fp32")
+                     and (precision == "fp32" or precision_of(g) == precision)]
+            if not found:
+                raise ManifestError(f"{self.directory} has no {precision} Core ML step graph; re-export with lmn-export --to coreml"
+                                    + (f" --quantize {precision}" if precision != "fp32" else ""))
+            self.step_graph = found[0]
             self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]))
         else:  # graphs chosen by their manifest fields (name, precision, levels, size), never by file name
             self.step_graph = manifest.graph("step", "onnx", precision)
@@ -90,12 +95,6 @@ class ExportedModel:
         prefill = {g["size"]: g for g in manifest.graphs("onnx", "prefill", "fp32")}
         prefill.update({g["size"]: g for g in manifest.graphs("onnx", "prefill", precision)})
         self.prefill_graphs = [prefill[size] for size in sorted(prefill)] if backend == "onnxruntime" else []
-
-    def _graph(self, name: str, target: str) -> dict:
-        graph = self.manifest.graph(name, target)
-        if graph is None:
-            raise ManifestError(f"{self.directory} has no {target} {name} graph; re-export with lmn-export --to {target}")
-        return graph
 
     def _session(self, graph: dict):
         """A session for a manifest graph, its I/O checked against the manifest before anything runs."""

@@ -156,6 +156,27 @@ def test_two_graphs_for_one_choice_are_refused(full_export, tmp_path):
         read_manifest(copy)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_coreml_backend_loads_the_graph_of_the_precision_asked_for(full_export, monkeypatch, precision):
+    """The Core ML backend picks its step graph by the manifest's precision field (loading is stubbed:
+    MLModel runs on macOS only); dynamic-int8, an ONNX graph set, is refused."""
+    import runtime
+    import runtime.model
+
+    loaded = []
+    monkeypatch.setattr(runtime.model, "load_coreml_model", lambda path: loaded.append(path) or object())
+    graphs = read_manifest(full_export.directory).graphs("coreml", "step")
+    want = [g["file"] for g in graphs if precision_of(g) == precision]
+    if not want:
+        with pytest.raises(ManifestError, match=f"no {precision} Core ML step graph"):
+            runtime.load(full_export.directory, backend="coreml", precision=precision)
+        return
+    model = runtime.load(full_export.directory, backend="coreml", precision=precision)
+    assert loaded == [str(full_export.directory / want[0])] and model.step_graph["file"] == want[0]
+    with pytest.raises(ValueError, match="dynamic-int8 is an ONNX graph set"):
+        runtime.load(full_export.directory, backend="coreml", precision="dynamic-int8")
+
+
 def test_coreml_backend_refuses_to_run_off_macos(full_export):
     """The export has a Core ML graph, so only the platform check stands between it and a crash."""
     import sys
