@@ -47,10 +47,10 @@ class Stream:
         if isinstance(pointer, bool) or not isinstance(pointer, numbers.Integral) or not 0 <= pointer <= model.pointer_max:
             raise ValueError(f"pointer must be a whole number in [0, {model.pointer_max}] (the pointer_max of its graphs in lmn.json), "
                              f"got {pointer!r}")
-        self.model = model
-        self.stepper = model.stepper()
         if pointer and model.config.get("arch") != "lmn":
             raise ValueError("a GPT export's stream starts at pointer 0 (its KV cache holds every token it attends to)")
+        self.model = model
+        self.stepper = model.stepper()
         if pointer:
             name = model.pointer_input
             self.stepper.set_state({name: np.full_like(self.stepper.state[name], pointer)})
