@@ -18,7 +18,6 @@
 export const MANIFEST = "lmn.json";
 export const FORMAT = "lmn-export";
 export const FORMAT_VERSION = 2;
-export const PREFILL_MIN_TOKENS = 16; // shorter first prompts are stepped (as the Python runtime does; not contract)
 
 /** An export folder, argument or stream operation this client refuses; the message says what to do. */
 export class LmnError extends Error {
@@ -257,7 +256,7 @@ export async function checkFile(manifest, name, bytes) {
  * `files` digests when `verify`), their sessions with inputs and outputs checked against the roles.
  */
 export async function loadModel({ ort, fetchFile, precision = "fp32", verify = true, unknown, sessionOptions = {},
-                                  prefillMinTokens = PREFILL_MIN_TOKENS, manifest } = {}) {
+                                  prefillMinTokens, manifest } = {}) {
   manifest ??= await readManifest(fetchFile, { verify });
   const model = new Model(ort, fetchFile, manifest, { precision, verify, unknown, sessionOptions, prefillMinTokens });
   await model.open();
@@ -271,7 +270,8 @@ export class Model {
     this.manifest = manifest;
     this.precision = precision;
     this.verify = verify;
-    this.prefillMinTokens = prefillMinTokens;
+    // lmn.json prefill.min_prompt_tokens: the runtime's choice of when to prefill (outputs agree either way)
+    this.prefillMinTokens = prefillMinTokens ?? manifest.prefill?.min_prompt_tokens ?? Infinity;
     this.sessionOptions = { graphOptimizationLevel: "all", intraOpNumThreads: 1, interOpNumThreads: 1, ...sessionOptions };
     this.vocab = new Vocabulary(manifest.vocabulary, unknown);
     this.startIds = manifest.vocabulary.start.ids;
@@ -286,9 +286,9 @@ export class Model {
     this.fastGraphs = new Map(onnx.filter((g) => g.name === "step_levels" && g.precision === precision).map((g) => [g.levels, g]));
     const rule = manifest.fast_paths;
     this.fastRule = rule && { from: BigInt(rule.valid_from_pointer), cap: BigInt(rule.levels_cap) };
-    // prefill: per size, this precision's graph, else the fp32 one (lmn.json does not say; the Python runtime does this)
+    // prefill: per size, this precision's graph, else the one of lmn.json prefill.precision_fallback
     const prefill = new Map();
-    for (const p of [...new Set(["fp32", precision])])
+    for (const p of [...new Set([manifest.prefill?.precision_fallback ?? "fp32", precision])])
       for (const g of onnx.filter((g) => g.name === "prefill" && g.precision === p)) prefill.set(g.size, g);
     this.prefillGraphs = manifest.prefill ? [...prefill.values()].sort((a, b) => a.size - b.size) : [];
     this.sessions = new Map(); // file -> Promise<session>
