@@ -171,7 +171,7 @@ def test_load_errors_are_clear(export_dir, tmp_path):
 def test_coreml_backend_needs_a_coreml_graph(export_dir):
     """An ONNX-only export asked for Core ML says how to get a Core ML graph (the platform check
     itself is tested on an export that has one: tests/lmn_export/test_export_folder.py)."""
-    with pytest.raises(ManifestError, match="no coreml step graph; re-export with lmn-export --to coreml"):
+    with pytest.raises(ManifestError, match="no fp32 Core ML step graph; re-export with lmn-export --to coreml"):
         runtime.load(export_dir, backend="coreml")
 
 
