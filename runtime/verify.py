@@ -32,10 +32,10 @@ def main(directory, backend, precisions, threads, as_json):
     try:
         results = verify(directory, backend, tuple(precisions) or None, threads)
     except (ManifestError, ConformanceError, BackendError) as e:
-        raise click.ClickException(str(e)) from None
+        cannot_check(str(e))
     if not results:
-        raise click.ClickException(f"no conformance case of {directory} applies to backend {backend} "
-                                   f"{'and precision ' + ','.join(precisions) if precisions else ''}".strip())
+        cannot_check(f"no conformance case of {directory} applies to backend {backend}"
+                     f"{' and precision ' + ','.join(precisions) if precisions else ''}")
     passed = all(r.passed for r in results)
     if as_json:
         click.echo(json.dumps({"directory": str(directory), "backend": backend, "passed": passed,
@@ -47,6 +47,12 @@ def main(directory, backend, precisions, threads, as_json):
                        f"{r.argmax_agreement:.2%}, max logit gap {gap}{', ' + r.detail if r.detail else ''}")
         click.echo(f"{sum(r.passed for r in results)} of {len(results)} cases passed ({directory}, {backend})")
     sys.exit(0 if passed else 1)
+
+
+def cannot_check(message: str) -> None:
+    """Exit 2 (not 1, which means a case failed): the folder could not be checked at all."""
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

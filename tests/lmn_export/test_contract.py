@@ -177,6 +177,18 @@ def test_parity_from_zero_reaches_the_fast_paths(full_export):
     assert {"from": str(2**63 - 1 - 48), "to": str(2**63 - 2), "graphs": "onnx step"} in validated
 
 
+def test_lmn_verify_says_when_a_folder_cannot_be_checked(copied):
+    """A conformance.json that is not JSON, or none: a one-line error and exit 2 (1 means a case failed)."""
+    (copied / "conformance.json").write_text("{not json")
+    result = CliRunner().invoke(verify_main, [str(copied)])
+    assert result.exit_code == 2 and "conformance.json is corrupt" in result.output
+    (copied / "conformance.json").unlink()
+    result = CliRunner().invoke(verify_main, [str(copied)])
+    assert result.exit_code == 2 and "has no conformance.json" in result.output
+    result = CliRunner().invoke(verify_main, [str(copied), "--backend", "coreml"])
+    assert result.exit_code == 2
+
+
 def test_lmn_verify_passes_and_reports(full_export):
     result = CliRunner().invoke(verify_main, [str(full_export.directory), "--json"])
     assert result.exit_code == 0, result.output
