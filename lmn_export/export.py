@@ -12,17 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-extension import breaks it
 import torch
 
 from runtime.atomic import remove_stale_folders, staged_folder
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
-import runtime.manifest as manifest_schema
 from . import contract, coreml_export, onnx_export
 from .conformance_vectors import write_conformance
-from .graphs import BATCH
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
@@ -66,16 +63,6 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.reports)
-
-
-def state_bytes(spec_dict: dict) -> int:
-    """Bytes of one stream's state (batch of 1) for a graph's state inputs."""
-    total = 0
-    for s in spec_dict["state"]:
-        tensor = next(t for t in spec_dict["inputs"] if t["name"] == s["input"])
-        dims = [d for d in tensor["shape"] if d != BATCH]
-        total += int(np.prod(dims, dtype=np.int64)) * np.dtype(tensor["dtype"]).itemsize
-    return total
 
 
 class _ParityFailed(Exception):
@@ -296,10 +283,11 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             validated_ranges(reports), source={"checkpoint": checkpoint.name, "sha256": sha256(checkpoint)},
             parity={"text": text_source, "reports": [r.to_dict() for r in reports]}, conformance=conformance)
 
-    contract.write_manifest(work, manifest())
+    final = manifest()
+    contract.write_manifest(work, final)
     if "onnx" in options.targets and all(r.passed for r in reports):  # vectors only from graphs that passed
-        contract.write_manifest(work, manifest(write_conformance(work, text_ids, progress)))
-    final = manifest_schema.read_manifest(work).data
+        final = manifest(write_conformance(work, text_ids, progress))
+        contract.write_manifest(work, final)
     return ExportResult(work, final, reports)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import fast_path_levels
+from runtime.backends import FastPathRule
 from runtime.model import open_session
 
 
@@ -30,12 +30,12 @@ class FastPathPredictor:
     runner = "onnxruntime"
 
     def __init__(self, general: OnnxPredictor, fast: dict[int, OnnxPredictor], max_levels: int):
-        self.general, self.fast, self.max_levels = general, fast, max_levels
+        self.general, self.fast, self.rule = general, fast, FastPathRule.for_max_levels(max_levels)
         self.session = general.session  # inputs and outputs are the same in every graph
         self.used: dict[int, int] = {}  # levels -> calls served by that fast path
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        levels = {fast_path_levels(int(p), self.max_levels) for p in inputs["pointer"]}
+        levels = {self.rule.levels(int(p)) for p in inputs["pointer"]}
         if len(levels) == 1 and (k := levels.pop()) in self.fast:
             self.used[k] = self.used.get(k, 0) + 1
             return self.fast[k].predict(inputs)

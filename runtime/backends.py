@@ -17,6 +17,8 @@ from collections import Counter
 
 import numpy as np
 
+from .manifest import role_tensor, state_input
+
 ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -58,11 +60,6 @@ class FastPathRule:
         return min(lowest.bit_length() - 1, self.levels_cap)
 
 
-def fast_path_levels(pointer: int, max_levels: int) -> int | None:
-    """The fast path a step at `pointer` may take in an export of a `max_levels` model (`FastPathRule`)."""
-    return FastPathRule.for_max_levels(max_levels).levels(pointer)
-
-
 class OnnxStepper:
     """One stream (batch 1) on an onnxruntime step session, through IO binding.
 
@@ -81,11 +78,10 @@ class OnnxStepper:
         self.graph = graph
         self.rule = rule
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
-        token_spec = next(t for t in graph["inputs"] if t["role"] == "token")
+        token_spec = role_tensor(graph["inputs"], "token")
         self.token_dtype = ORT_DTYPES[token_spec["dtype"]]
         self.token = np.zeros(1, dtype=self.token_dtype)
-        logits_spec = next(t for t in graph["outputs"] if t["role"] == "logits")
-        pointer_input = next(p["input"] for p in graph["state"] if p["tensor"] == "pointer")
+        logits_spec = role_tensor(graph["outputs"], "logits")
         self.logits = np.zeros((1, logits_spec["shape"][1]), dtype=np.float32)
         self.buffers = [empty_state(graph), empty_state(graph)]  # ping-pong state sets
         self.current = 0
@@ -108,7 +104,7 @@ class OnnxStepper:
         fast_files = fast_files or {}
         self.bindings = bind(session, graph.get("file", "step"))
         self.fast = {k: bind(s, fast_files.get(k, f"step_levels_{k}")) for k, s in (fast_paths or {}).items()}
-        self.pointers = [b[pointer_input] for b in self.buffers]
+        self.pointers = [b[state_input(graph, "pointer")] for b in self.buffers]
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -129,7 +125,7 @@ class OnnxStepper:
         self.token[0] = token
         bindings = self.bindings
         if self.fast:
-            bindings = self.fast.get(self.rule.levels(int(self.pointers[self.current][0])), bindings)
+            bindings = self.fast.get(self.rule.levels(self.pointer), bindings)
         session, binding, label = bindings[self.current]
         session.run_with_iobinding(binding)
         self.calls[label] += 1
@@ -144,9 +140,10 @@ class CoreMLStepper:
         self.model = mlmodel
         self.graph = graph
         self.pairs = [(s["input"], s["output"]) for s in graph["state"]]
-        self.token = next(t for t in graph["inputs"] if t["role"] == "token")
+        self.token = role_tensor(graph["inputs"], "token")
         self.token_dtype = ORT_DTYPES[self.token["dtype"]]
-        self.logits = next(t["name"] for t in graph["outputs"] if t["role"] == "logits")
+        self.logits = role_tensor(graph["outputs"], "logits")["name"]
+        self.pointer_input = state_input(graph, "pointer")
         self._state = empty_state(graph)
         self.calls: Counter[str] = Counter()
 
@@ -166,7 +163,7 @@ class CoreMLStepper:
 
     @property
     def pointer(self) -> int:
-        return int(self._state[next(p["input"] for p in self.graph["state"] if p["tensor"] == "pointer")][0])
+        return int(self._state[self.pointer_input][0])
 
 
 def load_coreml_model(path: str):

@@ -13,11 +13,12 @@ Tolerances are per precision (`tolerances`), so a third-party runtime can run th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .manifest import read_json
 
 FILE = "conformance.json"
 FORMAT = "lmn-conformance"
@@ -54,19 +55,13 @@ def run_case(model, case: dict, check_steps: list[int], greedy: int = 0) -> Obse
     stream = Stream(model, pointer=int(case["start_pointer"]))
     observed = Observed([], {})
     wanted = set(check_steps)
-    step = 0
-    if case.get("prompt"):
-        stream.feed_ids(case["prompt"])  # the runtime picks prefill or steps, as for a user's prompt
+    # the prompt at once (the runtime picks prefill or steps, as for a user's prompt), then one token per step
+    feeds = ([case["prompt"]] if case.get("prompt") else []) + [[token] for token in case["tokens"]]
+    for step, ids in enumerate(feeds):
+        stream.feed_ids(ids)
         observed.argmax.append(argmax(stream.logits))
         if step in wanted:
             observed.logits[step] = np.array(stream.logits, dtype=np.float32)
-        step += 1
-    for token in case["tokens"]:
-        stream.feed_ids([token])
-        observed.argmax.append(argmax(stream.logits))
-        if step in wanted:
-            observed.logits[step] = np.array(stream.logits, dtype=np.float32)
-        step += 1
     for _ in range(greedy):
         token = argmax(stream.logits)
         observed.greedy.append(token)
@@ -119,10 +114,7 @@ def read_cases(directory: Path) -> dict:
     path = Path(directory) / FILE
     if not path.is_file():
         raise ConformanceError(f"{directory} has no {FILE} (exports before manifest format 2 lack it); re-export the model")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConformanceError(f"{path} is corrupt ({e}); re-export the model") from None
+    data = read_json(path, ConformanceError)
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ConformanceError(f"{path} is not an {FORMAT} file of version {FORMAT_VERSION}; re-export the model")
     return data

@@ -16,6 +16,7 @@ A format-1 folder (written before this contract) is refused with a message to re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -129,16 +130,15 @@ def _fail(path: Path, what: str) -> None:
     raise ManifestError(f"{path}: {what}; re-export the model")
 
 
-_SCHEMA: dict | None = None
+@functools.cache
+def _schema() -> dict:
+    return load_schema()
 
 
 def check_schema(path: Path, data: dict[str, Any]) -> None:
     """`data` matches runtime/lmn.schema.json; a ManifestError names the field and the rule."""
-    global _SCHEMA
-    if _SCHEMA is None:
-        _SCHEMA = load_schema()
     try:
-        check(data, _SCHEMA)
+        check(data, _schema())
     except SchemaViolation as e:
         _fail(path, f"does not match lmn.schema.json: {e}")
 
@@ -147,9 +147,26 @@ def io_with_role(tensors: list[dict[str, Any]], role: str) -> list[dict[str, Any
     return [t for t in tensors if t["role"] == role]
 
 
+def role_tensor(tensors: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    """The one input or output with this role (check_fields made sure there is one)."""
+    return io_with_role(tensors, role)[0]
+
+
 def role_name(tensors: list[dict[str, Any]], role: str) -> str:
-    """The name of the one input or output with this role (check_fields made sure there is one)."""
-    return io_with_role(tensors, role)[0]["name"]
+    return role_tensor(tensors, role)["name"]
+
+
+def state_input(graph: dict[str, Any], tensor: str) -> str:
+    """The input of a step graph that carries a state tensor (its `state` pair)."""
+    return next(pair["input"] for pair in graph["state"] if pair["tensor"] == tensor)
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """A JSON file's content, or `error` saying it is corrupt and to re-export."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is corrupt ({e}); re-export the model") from None
 
 
 def check_fields(path: Path, data: dict[str, Any]) -> None:
@@ -211,10 +228,7 @@ def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
         raise ManifestError(f"no export folder at {directory}; create one with lmn-export")
     if not path.is_file():
         raise ManifestError(f"{directory} is not an lmn export ({MANIFEST} is missing); create one with lmn-export")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is corrupt ({e}); re-export the model") from None
+    data = read_json(path, ManifestError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an lmn export manifest; re-export the model")
     version = data.get("format_version")

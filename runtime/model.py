@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
-from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name
+from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name, state_input
 from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
@@ -73,8 +73,8 @@ class ExportedModel:
         self._prefill_sessions: dict[int, object] = {}
         self.fast_path_graphs, self.fast_paths = {}, {}
         if backend == "coreml":  # "fp32": the export's unquantized Core ML step (fp32 or fp16 compute)
-            found = [g for g in manifest.graphs("coreml", "step") if (precision_of(g) in ("fp32", "fp16")) == (precision == "fp32")
-                     and (precision == "fp32" or precision_of(g) == precision)]
+            wanted = ("fp32", "fp16") if precision == "fp32" else (precision,)
+            found = [g for g in manifest.graphs("coreml", "step") if precision_of(g) in wanted]
             if not found:
                 raise ManifestError(f"{self.directory} has no {precision} Core ML step graph; re-export with lmn-export --to coreml"
                                     + (f" --quantize {precision}" if precision != "fp32" else ""))
@@ -95,6 +95,9 @@ class ExportedModel:
         prefill = {g["size"]: g for g in manifest.graphs("onnx", "prefill", "fp32")}
         prefill.update({g["size"]: g for g in manifest.graphs("onnx", "prefill", precision)})
         self.prefill_graphs = [prefill[size] for size in sorted(prefill)] if backend == "onnxruntime" else []
+        # the largest input pointer every step graph this model runs supports (their `pointer_max`)
+        self.pointer_max = min(int(g["pointer_max"]) for g in [self.step_graph, *self.fast_path_graphs.values()])
+        self.pointer_input = state_input(self.step_graph, "pointer")  # the step graph's input carrying the pointer
 
     def _session(self, graph: dict):
         """A session for a manifest graph, its I/O checked against the manifest before anything runs."""
@@ -120,16 +123,6 @@ class ExportedModel:
         files = {k: g["file"] for k, g in self.fast_path_graphs.items()}
         rule = FastPathRule.from_manifest(self.manifest.fast_paths) if self.fast_paths else None
         return OnnxStepper(self.session, self.step_graph, self.fast_paths, rule, files)
-
-    @property
-    def pointer_max(self) -> int:
-        """The largest input pointer every step graph this model runs supports (their `pointer_max`)."""
-        return min(int(g["pointer_max"]) for g in [self.step_graph, *self.fast_path_graphs.values()])
-
-    @property
-    def pointer_input(self) -> str:
-        """The step graph's input that carries the pointer."""
-        return next(p["input"] for p in self.step_graph["state"] if p["tensor"] == "pointer")
 
     @property
     def max_prefill(self) -> int:

@@ -52,7 +52,7 @@ MUTANTS = [
     # --- from the review ---------------------------------------------------------------------
     Mutant("onnx-stepper-never-fast",
            "runtime/backends.py",
-           "            bindings = self.fast.get(self.rule.levels(int(self.pointers[self.current][0])), bindings)\n",
+           "            bindings = self.fast.get(self.rule.levels(self.pointer), bindings)\n",
            "            bindings = self.bindings\n",
            ("tests/runtime/test_stream.py::test_which_graph_ran_is_observable",),
            "the ONNX stepper never binds a fast path: every token pays for the general graph"),
@@ -164,7 +164,7 @@ MUTANTS = [
            "the runtime re-derives the fast-path rule instead of reading lmn.json: the contract is not what runs"),
     Mutant("token-bound-by-position",
            "runtime/backends.py",
-           '        token_spec = next(t for t in graph["inputs"] if t["role"] == "token")\n',
+           '        token_spec = role_tensor(graph["inputs"], "token")\n',
            '        token_spec = graph["inputs"][0]\n',
            ("tests/lmn_export/test_contract.py::test_runtime_binds_tensors_by_role_not_position",),
            "the token is bound by its position, not its role: a graph with another input order breaks"),
