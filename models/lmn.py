@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMNConfig
-from .memory import LogMemory, StepMasks, levels_changed
+from .memory import LogMemory, StepMasks, WindowStart, levels_changed
 
 
 class RMSNorm(nn.Module):
@@ -144,9 +144,11 @@ class LMNBlock(nn.Module):
         self.norm_ff = RMSNorm(cfg.n_embd)
         self.ff = FeedForward(cfg.n_embd, cfg.ff_mult)
 
-    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, T, E), last: (B,) -> (B, T, E) and the nodes left after position `last` (B, S, E)
-        (None without `last`).
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None, nodes: torch.Tensor | None = None,
+                start: WindowStart | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, T, E), last: (B,) -> (B, T, E) and the nodes left after window position `last` (B, S, E)
+        (None without `last`). From a state: its nodes (B, S, E) of this layer and `start` (its pointer's
+        alignment, shared by every layer); None: the empty state at pointer 0.
 
         Every slot (each token, each level's widened summaries) is projected once, in one table;
         positions go by chunks of C rows, which share their slots, so one product per chunk and
@@ -154,15 +156,19 @@ class LMNBlock(nn.Module):
         """
         attn, memory = self.attn, self.memory
         anchor = None if last is None else (last[:1] * 0).sum()  # () int64 zero from a graph input (see slot_layout)
-        layout = memory.slot_layout(x.shape[1], x.device, anchor)
+        layout = memory.slot_layout(x.shape[1], x.device, anchor, from_state=start is not None)
         h = self.norm_attn(x)
-        tree = memory.tree(h)  # [(B, n_i, K, E)]
-        table = memory.slot_table(h, tree, layout)  # (B, R, E)
-        q = memory.chunk_rows(attn.query(h), layout)  # (B, T, H, D) -> (B, H, P/C, C, D)
-        k, v = (memory.chunk_slots(t, layout) for t in attn.key_value(table))  # (B, R, H, D) -> (B, H, P/C, W, D)
-        weights = attn.normalize(attn.score(q, k), layout.valid)  # (B, H, P/C, C, W)
-        x = x + attn.output(memory.positions(attn.weigh(weights, v), layout))  # (B, T, H, D) -> (B, T, E)
-        nodes = None if last is None else memory.nodes_at(h, tree, last)
+        tree = memory.tree(h, nodes, start)  # [(B, 1+n_i, K, E)]
+        table = memory.slot_table(h, tree, layout, start)  # (B, R, E)
+        q = memory.chunk_rows(attn.query(h), layout, start)  # (B, T, H, D) -> (B, H, P/C, C, D)
+        k, v = (memory.chunk_slots(t, layout, start) for t in attn.key_value(table))  # (B, R, H, D) -> (B, H, P/C, W, D)
+        scores = attn.score(q, k)  # (B, H, P/C, C, W)
+        if start is not None:  # which slots hold a block differs per batch row
+            bias = memory.chunk_slots(start.table_bias.to(scores.dtype)[..., None, None], layout, start)  # (B, 1, P/C, W, 1)
+            scores = scores + bias.transpose(-1, -2)
+        weights = attn.normalize(scores, layout.valid)  # (B, H, P/C, C, W)
+        x = x + attn.output(memory.positions(attn.weigh(weights, v), layout, start))  # (B, T, H, D) -> (B, T, E)
+        nodes = None if last is None else memory.nodes_at(h, tree, last, start)
         return x + self.ff(self.norm_ff(x)), nodes
 
     def step(self, x: torch.Tensor, nodes: torch.Tensor, masks: StepMasks, levels: int):
@@ -173,6 +179,26 @@ class LMNBlock(nn.Module):
         slots = self.memory.slots(nodes.unflatten(1, (self.n_slots, self.n_embd)))  # (B, A, E)
         x = x + self.attn.read(h, slots, masks.bias)
         return x + self.ff(self.norm_ff(x)), nodes
+
+
+POINTER_LIMIT = 2**63 - 1  # an int64 pointer: a stream's last token is at most POINTER_LIMIT - 1
+
+
+def check_start(cfg: LMNConfig, state: "StepState", tokens: torch.Tensor, dtype: torch.dtype) -> None:
+    """A starting state fits the model and the tokens: a ValueError that says what is wrong."""
+    B, T = tokens.shape
+    shape = (B, cfg.n_layer, cfg.n_slots, cfg.n_embd)
+    memory, pointer = state.memory, state.pointer
+    if not isinstance(memory, torch.Tensor) or tuple(memory.shape) != shape or memory.dtype != dtype:
+        got = (tuple(memory.shape), memory.dtype) if isinstance(memory, torch.Tensor) else type(memory).__name__
+        raise ValueError(f"the starting state's memory must be {dtype} of shape {shape} (batch, n_layer, n_slots, "
+                         f"n_embd), got {got}")
+    if not isinstance(pointer, torch.Tensor) or tuple(pointer.shape) != (B,) or pointer.dtype != torch.int64:
+        got = (tuple(pointer.shape), pointer.dtype) if isinstance(pointer, torch.Tensor) else type(pointer).__name__
+        raise ValueError(f"the starting state's pointer must be int64 of shape ({B},), one per row, got {got}")
+    if bool((pointer < 0).any()) or bool((pointer > POINTER_LIMIT - T).any()):
+        raise ValueError(f"the starting pointers must be in [0, {POINTER_LIMIT - T}] so that {T} more tokens fit "
+                         f"an int64 position, got {pointer.tolist()}")
 
 
 @dataclass
@@ -197,25 +223,32 @@ class LMN(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
 
-    def forward(self, tokens: torch.Tensor, return_state: bool = False, lengths: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, return_state: bool = False, lengths: torch.Tensor | None = None,
+                state: StepState | None = None):
         """Parallel mode. tokens: (B, T) int64 -> logits (B, T, V) [, StepState].
 
-        With `return_state`, also the state a stream has after its first `lengths` tokens (B,)
-        (default: all T), exactly what `step` would have left; later tokens do not affect it.
+        `state`: where each row starts (memory and per-row pointer, as `step` takes it; None: the
+        empty state at pointer 0); gradients flow into it (detach it to stop them). With
+        `return_state`, also the state a stream has after its first `lengths` tokens (B,) (default:
+        all T), exactly what stepping them from `state` would leave; later tokens do not affect it.
         """
         B, T = tokens.shape
+        if state is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            check_start(self.config, state, tokens, self.head.weight.dtype)
         if return_state and lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=tokens.device)
         last = lengths - 1 if return_state else None  # no state asked for: no nodes read off
+        start = None if state is None else self.blocks[0].memory.window_start(state.pointer, T)
         x = self.embed(tokens)  # (B, T, E)
         memory = []
-        for block in self.blocks:
-            x, nodes = block(x, last)
+        for layer, block in enumerate(self.blocks):
+            x, nodes = block(x, last, None if state is None else state.memory[:, layer], start)
             memory.append(nodes)  # (B, S, E)
         logits = self.head(self.norm_out(x))
         if not return_state:
             return logits
-        return logits, StepState(torch.stack(memory, dim=1), lengths)
+        pointer = lengths if state is None else state.pointer + lengths
+        return logits, StepState(torch.stack(memory, dim=1), pointer)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> StepState:
         """The empty state: zero memory, every pointer at 0. See StepState for the layout."""

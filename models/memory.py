@@ -90,27 +90,45 @@ class SlotLayout(NamedTuple):
     regions: tuple[int, ...]  # table rows: level 0, each chunked level, all repeated levels together
     repeated: torch.Tensor | None  # (P/C * (levels - chunked) * KX,) int64: rows of the repeated region, by chunk
     valid: torch.Tensor  # (P/C, C, W) bool: which of its chunk's slots each row sees
+    from_state: bool  # rows are aligned per batch row to its start pointer (see `WindowStart`)
+
+
+def window_blocks(length: int, level: int, from_state: bool) -> int:
+    """Most level-`level` blocks that a window of `length` tokens completes: floor(T / 2^i) from pointer 0,
+    ceil(T / 2^i) from any pointer."""
+    size = 2**level
+    return -(-length // size) if from_state else length // size
+
+
+def window_rows(length: int, chunk: int, from_state: bool) -> int:
+    """P: row 0, T token rows (after up to C-1 rows of alignment from a state), rounded up to the chunk."""
+    return -(-(length + (chunk if from_state else 1)) // chunk) * chunk
 
 
 @functools.lru_cache(maxsize=32)
 def _slot_layout(length: int, chunk: int, slots_per_block: int, max_levels: int, device: torch.device,
-                 anchor: torch.Tensor | None = None) -> SlotLayout:
+                 anchor: torch.Tensor | None = None, from_state: bool = False) -> SlotLayout:
     """`SlotLayout` for T = length, C = chunk, KX = slots_per_block (banks * expander slots).
 
+    From pointer 0 (`from_state` False) row r is position r - 1 and entry 0 of every level is empty,
+    so the mask says which slots hold a block. From a state, rows are aligned per batch row and every
+    level may hold the state's node: the mask only says which of its chunk's slots a row sees, and
+    `WindowStart.table_bias` says which slots hold a block.
     Built from Python integers and aranges only: divisions are of numbers below P (< 2^24)."""
     T, C, KX = length, chunk, slots_per_block
-    levels = min(max_levels - 1, T.bit_length() - 1)  # 2^i <= T
+    levels = max_levels - 1 if from_state else min(max_levels - 1, T.bit_length() - 1)  # from 0: 2^i <= T
     chunked = min(C.bit_length() - 1, levels)
-    P = -(-(T + 1) // C) * C
+    P = window_rows(T, C, from_state)
     repeated_levels = range(chunked + 1, levels + 1)
-    regions = (P, *(P // 2**i * KX for i in range(1, chunked + 1)), sum((T // 2**i + 1) * KX for i in repeated_levels))
+    regions = (P, *(P // 2**i * KX for i in range(1, chunked + 1)),
+               sum((window_blocks(T, i, from_state) + 1) * KX for i in repeated_levels))
     # Per slot of a chunk: its level's block size, its block among the chunk's, and the first entry holding a block.
     span, local, first = [1] * C, list(range(C)), [0] * C  # level 0: the chunk's own rows, always valid
     for i in range(1, levels + 1):
         blocks = C // 2**i if i <= chunked else 1
         span += [2**i] * (blocks * KX)
         local += [u for u in range(blocks) for _ in range(KX)]
-        first += [1] * (blocks * KX)
+        first += [0 if from_state else 1] * (blocks * KX)
     span, local, first = (torch.tensor(v, dtype=torch.int64, device=device) for v in (span, local, first))  # (W,)
     start = torch.arange(P // C, device=device).view(-1, 1, 1) * C  # (P/C, 1, 1): each chunk's first row
     if anchor is not None:
@@ -119,12 +137,45 @@ def _slot_layout(length: int, chunk: int, slots_per_block: int, max_levels: int,
     entry = torch.div(start, span, rounding_mode="floor") + local  # (P/C, 1, W): the entry a slot holds
     valid = (torch.div(row, span, rounding_mode="floor") == entry) & (entry >= first)  # (P/C, C, W)
     repeated, offset = [], 0
-    for i in repeated_levels:
+    for i in repeated_levels if not from_state else ():  # from a state: per batch row (`WindowStart`)
         entry = torch.div(start.view(-1, 1), 2**i, rounding_mode="floor")  # (P/C, 1)
         repeated.append(offset + entry * KX + torch.arange(KX, device=device))  # (P/C, KX)
         offset += (T // 2**i + 1) * KX
     repeated = torch.cat(repeated, dim=1).flatten() if repeated else None
-    return SlotLayout(T, P, C, levels, chunked, regions, repeated, valid)
+    return SlotLayout(T, P, C, levels, chunked, regions, repeated, valid, from_state)
+
+
+def block_entry(rem: torch.Tensor, offset, size: int, bound: int) -> torch.Tensor:
+    """floor((rem + offset) / size), exact for 0 <= rem < size and 0 <= offset < bound (int64 of any size).
+
+    The ONNX exporter divides int64 through float32, exact below 2^24 only: where size >= bound the
+    answer is 0 or 1 and is a comparison; elsewhere rem + offset < 2 * bound, a small number.
+    """
+    x = rem + offset
+    if size >= bound:
+        return (x >= size).long()
+    return torch.div(x, size, rounding_mode="floor")
+
+
+class WindowStart(NamedTuple):
+    """Where a parallel pass over T tokens starts: each row's pointer and how its rows align, computed
+    once for every layer from the pointer alone (remainders and small numbers: exact at any pointer).
+
+    Row r of batch row b stands for position base_b + r - 1, base_b = p_b - (p_b mod C), so each
+    chunk covers C positions aligned like the step's blocks; token j sits at row (p_b mod C) + 1 + j.
+    Level i's entries (from `LogMemory.tree`): entry 0 is the start state's level-i node (block
+    floor(p/2^i) - 1), entry j the j-th block completed within the window.
+    """
+
+    pointer: torch.Tensor  # (B,) int64, p
+    rows: torch.Tensor  # (B, P) int64: 1 + the token a row holds, 0 for rows holding none (into [zero, T tokens, zero])
+    tokens: torch.Tensor  # (B, T) int64: the row holding each token
+    shift: torch.Tensor  # (B, L-1) bool: level i pairs its level i-1 entries (1, 2), (3, 4)... (else (0, 1), (2, 3)...)
+    remainders: torch.Tensor  # (B, L-1) int64: p mod 2^i
+    filled: torch.Tensor  # (B, L-1) bool: the start state's level-i node holds a block (p >= 2^i)
+    chunked: list[torch.Tensor]  # per chunked level i: (B, P/2^i) int64, the entry each region row holds (may be < 0)
+    repeated: torch.Tensor | None  # (B, P/C * repeated levels * KX) int64: rows of the repeated region, by chunk
+    table_bias: torch.Tensor  # (B, R) float: 0 for slot-table rows holding a block, -inf for the others
 
 
 class LogMemory(nn.Module):
@@ -147,105 +198,170 @@ class LogMemory(nn.Module):
         per_node = torch.cat([torch.ones(1, dtype=torch.int64), sizes.repeat_interleave(cfg.n_bank)])
         self.register_buffer("node_block_sizes", per_node, persistent=False)  # (S,)
 
-    def tree(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Parallel mode: every complete aligned block's summary, per level i = 1..L-1.
+    def tree(self, h: torch.Tensor, nodes: torch.Tensor | None = None, start: WindowStart | None = None) -> list[torch.Tensor]:
+        """Parallel mode: per level i = 1..L-1, the level's entries (B, 1 + n_i, K, E): entry 0 the
+        node the window starts with (the start state's; zeros from the empty state), entry j the
+        j-th block completed within the window (n_i = `window_blocks`).
 
-        h: (B, T, E) -> [(B, floor(T / 2^i), K, E) for each i]; block j covers tokens
-        [j*2^i, (j+1)*2^i - 1] and is summarize(its older half, its newer half). A level's nodes
-        2j, 2j+1 are one row of a view (no pair is copied); level 1's tokens are shared by every
-        bank, so it uses the token-pair weight, as the step does.
+        h: (B, T, E); nodes: (B, S, E), the start state's nodes of this layer, with `start` (None:
+        the empty state at pointer 0). A block is summarize(its older half, its newer half); from
+        pointer 0 block j covers tokens [j*2^i, (j+1)*2^i - 1] and a level's nodes 2j, 2j+1 are one
+        row of a view (no pair is copied). From a state, a level pairs its previous level's entries
+        from entry 0 or 1 by the pointer's bit i-1, so a block straddling the start takes its older
+        half from the state. Level 1's tokens are shared by every bank, so it uses the token-pair
+        weight, as the step does.
         """
-        B, _, E = h.shape
+        B, T, E = h.shape
+        K = self.n_bank
         if self.max_levels == 1:
             return []
         weight, bias = self.summarize.pair_affine()  # once for every level
-        level, affine = h, (self.summarize.token_pair_weight(weight), bias)  # level 0 (B, T, E): one node per token
+        affine = (self.summarize.token_pair_weight(weight), bias)
+        level = h if start is None else torch.cat([nodes[:, :1], h], dim=1)  # level 0: (B, T, E) or entries (B, 1+T, E)
         levels = []
-        for _ in range(1, self.max_levels):
-            n = level.shape[1] // 2
-            pair = level[:, : 2 * n].reshape(B, n, 2 * level.shape[-1])  # nodes 2j, 2j+1 side by side: (B, n, 2E or 2*K*E)
-            level = self.summarize.pairs(pair, affine)  # (B, n, K*E)
-            levels.append(level.unflatten(-1, (self.n_bank, E)))  # (B, n, K, E)
+        for i in range(1, self.max_levels):
+            n = window_blocks(T, i, start is not None)
+            if start is None:
+                pair = level[:, : 2 * n]  # nodes 2j, 2j+1 side by side: (B, 2n, E or K*E)
+            else:
+                level = F.pad(level, (0, 0, 0, max(0, 1 + 2 * n - level.shape[1])))  # room for either pairing
+                shift = start.shift[:, i - 1].view(B, 1, 1)
+                pair = torch.where(shift, level[:, 1 : 1 + 2 * n], level[:, : 2 * n])  # (B, 2n, E or K*E)
+            level = self.summarize.pairs(pair.reshape(B, n, 2 * pair.shape[-1]), affine)  # (B, n, K*E)
+            before = nodes[:, 1 + (i - 1) * K : 1 + i * K].flatten(1) if start is not None else level.new_zeros(B, K * E)
+            level = torch.cat([before.unsqueeze(1), level], dim=1)  # (B, 1+n, K*E): entry 0 first
+            levels.append(level.unflatten(-1, (K, E)))  # (B, 1+n, K, E)
+            if start is None:
+                level = level[:, 1:]  # from pointer 0 entry 0 is empty: pairs start at the first block
             affine = (weight, bias)
         return levels
 
-    def slot_layout(self, length: int, device: torch.device, anchor: torch.Tensor | None = None) -> SlotLayout:
-        """The parallel pass's slot layout for sequences of `length` tokens (see `SlotLayout`);
-        built once per (length, device) and kept, except while tracing (then built in the graph).
+    def slot_layout(self, length: int, device: torch.device, anchor: torch.Tensor | None = None,
+                    from_state: bool = False) -> SlotLayout:
+        """The parallel pass's slot layout for sequences of `length` tokens (see `SlotLayout`), from
+        pointer 0 or (`from_state`) from any state; built once per (length, device) and kept, except
+        while tracing (then built in the graph).
 
         anchor: while tracing, a () int64 zero computed from a graph input: adding it keeps the
         exporter from folding the (P/C, C, W) mask into a float constant per layer (4 MB at T=4096).
         """
         args = (length, self.chunk, self.n_bank * self.slots_per_node, self.max_levels, device)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return _slot_layout.__wrapped__(*args, anchor=anchor)
-        return _slot_layout(*args)
+            return _slot_layout.__wrapped__(*args, anchor=anchor, from_state=from_state)
+        return _slot_layout(*args, from_state=from_state)
 
-    def slot_table(self, h: torch.Tensor, tree: list[torch.Tensor], layout: SlotLayout) -> torch.Tensor:
+    def window_start(self, pointer: torch.Tensor, length: int) -> WindowStart:
+        """How a parallel pass of `length` tokens from a state at `pointer` (B,) aligns (see `WindowStart`)."""
+        B, T, C = pointer.shape[0], length, self.chunk
+        KX, device = self.n_bank * self.slots_per_node, pointer.device
+        layout = self.slot_layout(T, device, from_state=True)
+        P = layout.rows
+        offset = torch.remainder(pointer, C).view(B, 1)  # (B, 1): rows of alignment before the first token
+        token = torch.arange(P, device=device).view(1, P) - offset - 1  # (B, P): the token each row holds
+        rows = torch.where((token >= 0) & (token < T), token + 1, torch.zeros_like(token))
+        tokens = offset + 1 + torch.arange(T, device=device).view(1, T)  # (B, T)
+        remainders = torch.remainder(pointer.unsqueeze(-1), self.block_sizes)  # (B, L-1): p mod 2^i
+        shift = remainders < self.block_sizes // 2  # bit i-1 of p is 0: the level's first block starts in the window
+        filled = pointer.unsqueeze(-1) >= self.block_sizes  # (B, L-1)
+        biases = [torch.zeros(B, P, device=device)]  # level 0: every row holds a token or a zero row, seen by itself
+        ok = torch.zeros((), device=device)
+        chunked = []
+        for i in range(1, layout.chunked + 1):  # 2^i <= C: region row e is in-window group e, entry e - (offset // 2^i)
+            entry = torch.arange(P // 2**i, device=device).view(1, -1) - torch.div(offset, 2**i, rounding_mode="floor")
+            chunked.append(entry)  # (B, P/2^i)
+            holds = (entry >= 1) & (entry <= window_blocks(T, i, True)) | (entry == 0) & filled[:, i - 1 : i]
+            biases.append(torch.where(holds, ok, -torch.inf).repeat_interleave(KX, dim=1))
+        repeated, region = [], 0
+        chunk_start = torch.arange(P // C, device=device).view(1, -1) * C  # (1, P/C)
+        for i in range(layout.chunked + 1, layout.levels + 1):  # 2^i > C: one block per chunk
+            n = window_blocks(T, i, True)
+            entry = block_entry(remainders[:, i - 1 : i] - offset, chunk_start, 2**i, P).clamp(max=n)  # (B, P/C)
+            repeated.append(region + entry.unsqueeze(-1) * KX + torch.arange(KX, device=device))  # (B, P/C, KX)
+            holds = torch.cat([filled[:, i - 1 : i], torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
+            biases.append(torch.where(holds, ok, -torch.inf).repeat_interleave(KX, dim=1))  # (B, (1+n)*KX)
+            region += (1 + n) * KX
+        repeated = torch.cat(repeated, dim=-1).flatten(1) if repeated else None  # (B, P/C * levels * KX), by chunk
+        return WindowStart(pointer, rows, tokens, shift, remainders, filled, chunked, repeated, torch.cat(biases, dim=1))
+
+    def slot_table(self, h: torch.Tensor, tree: list[torch.Tensor], layout: SlotLayout,
+                   start: WindowStart | None = None) -> torch.Tensor:
         """Every attention slot of a parallel pass, once, as rows ready for one projection (see `SlotLayout`).
 
-        h: (B, T, E), tree from `tree(h)` -> (B, sum(layout.regions), E). Padding rows are zeros;
-        every slot they stand in for is masked or dropped.
+        h: (B, T, E), tree from `tree(h, ...)`, `start` for a pass from a state -> (B, sum(layout.regions), E).
+        Rows that hold no block are zeros or a level's empty entry 0; every slot they stand in for is masked.
         """
         B, T, E = h.shape
         KX, P = self.n_bank * self.slots_per_node, layout.rows
-        counts = [level.shape[1] for level in tree[: layout.levels]]  # n_i
-        entries = [P // 2**i if i <= layout.chunked else n + 1 for i, n in enumerate(counts, start=1)]
-        pads = [(e - 1 - n) * KX for e, n in zip(entries, counts)]  # zero rows after each level's blocks
-        zeros = h.new_zeros(B, max([P - T - 1, KX, *pads]), E)
-        pieces = [zeros[:, :1], h, zeros[:, : P - T - 1]]  # level 0: row r = the token at position r-1
-        levels = tree[: layout.levels]  # [(B, n_i, K, E)]
-        if levels and self.expander is not None:  # every level widened at once: (B, sum n_i, KX, E), split back
+        levels = tree[: layout.levels]  # [(B, 1+n_i, K, E)]
+        counts = [level.shape[1] for level in levels]  # 1 + n_i
+        if levels and self.expander is not None:  # every level widened at once: (B, sum(1+n_i), KX, E), split back
             levels = self.widen(torch.cat(levels, dim=1)).split(counts, dim=1)
-        for nodes, pad in zip(levels, pads):
-            pieces += [zeros[:, :KX], nodes.flatten(1, 2), zeros[:, :pad]]  # entry 0 (no block), blocks, padding
+        if start is None:  # row r = position r - 1
+            pads = [P // 2**i - n if i <= layout.chunked else 0 for i, n in enumerate(counts, start=1)]
+            zeros = h.new_zeros(B, max([1, P - T - 1, *pads]), KX, E)
+            pieces = [zeros[:, :1, 0], h, zeros[:, : P - T - 1, 0]]  # level 0
+            pieces += [torch.cat([nodes, zeros[:, :pad]], dim=1).flatten(1, 2) for nodes, pad in zip(levels, pads)]
+            return torch.cat(pieces, dim=1)
+        pieces = [F.pad(h, (0, 0, 1, 1)).gather(1, start.rows.unsqueeze(-1).expand(B, P, E))]  # level 0: (B, P, E)
+        for i, (nodes, entry) in enumerate(zip(levels, start.chunked), start=1):  # region row e: entry e - offset // 2^i
+            index = entry.clamp(0, nodes.shape[1] - 1).view(B, -1, 1, 1).expand(-1, -1, KX, E)
+            pieces.append(nodes.gather(1, index).flatten(1, 2))  # (B, P/2^i * KX, E)
+        pieces += [nodes.flatten(1, 2) for nodes in levels[layout.chunked :]]  # repeated levels: all entries
         return torch.cat(pieces, dim=1)
 
     @staticmethod
-    def chunk_rows(x: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-        """Per-position vectors as rows by chunk: (B, T, H, D) -> (B, H, P/C, C, D), row r = position
-        r - 1 (padding rows zeros), in one copy."""
-        rows = F.pad(x.movedim(2, 1), (0, 0, 1, layout.rows - layout.length - 1))  # (B, H, P, D)
+    def chunk_rows(x: torch.Tensor, layout: SlotLayout, start: WindowStart | None = None) -> torch.Tensor:
+        """Per-position vectors as rows by chunk: (B, T, H, D) -> (B, H, P/C, C, D), padding rows zeros,
+        in one copy."""
+        if start is None:  # row r = position r - 1
+            rows = F.pad(x.movedim(2, 1), (0, 0, 1, layout.rows - layout.length - 1))  # (B, H, P, D)
+        else:
+            B, _, H, D = x.shape
+            rows = F.pad(x, (0, 0, 0, 0, 1, 1)).gather(1, start.rows.view(B, -1, 1, 1).expand(-1, -1, H, D)).movedim(2, 1)
         return rows.unflatten(2, (-1, layout.chunk))
 
     @staticmethod
-    def chunk_slots(table: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    def chunk_slots(table: torch.Tensor, layout: SlotLayout, start: WindowStart | None = None) -> torch.Tensor:
         """Each chunk's slots from a projected slot table: (B, R, H, D) -> (B, H, P/C, W, D).
 
         Level 0 and the chunked levels are a chunk's own rows of their regions (no copy but the
-        final one); the repeated levels' one block per chunk is gathered by `layout.repeated`.
+        final one); the repeated levels' one block per chunk is gathered by `layout.repeated` (from
+        pointer 0) or `start.repeated` (per batch row).
         """
         chunks = layout.rows // layout.chunk
         regions = table.split(layout.regions, dim=1)
         slots = [region.unflatten(1, (chunks, -1)) for region in regions[: 1 + layout.chunked]]  # (B, P/C, n, H, D)
-        if layout.repeated is not None:
+        if start is not None and start.repeated is not None:
+            index = start.repeated.view(*start.repeated.shape, 1, 1).expand(-1, -1, *table.shape[2:])
+            slots.append(regions[-1].gather(1, index).unflatten(1, (chunks, -1)))
+        elif layout.repeated is not None:
             slots.append(regions[-1].index_select(1, layout.repeated).unflatten(1, (chunks, -1)))
         return torch.cat([s.movedim(3, 1) for s in slots], dim=3)  # (B, H, P/C, W, D)
 
     @staticmethod
-    def positions(chunked: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+    def positions(chunked: torch.Tensor, layout: SlotLayout, start: WindowStart | None = None) -> torch.Tensor:
         """Back from rows by chunk to positions: (B, H, P/C, C, D) -> (B, T, H, D), padding rows dropped."""
-        return chunked.flatten(2, 3)[:, :, 1 : layout.length + 1].movedim(1, -2)
+        rows = chunked.flatten(2, 3)  # (B, H, P, D)
+        if start is None:
+            return rows[:, :, 1 : layout.length + 1].movedim(1, -2)
+        B, H, _, D = rows.shape
+        return rows.gather(2, start.tokens.view(B, 1, -1, 1).expand(-1, H, -1, D)).movedim(1, -2)
 
-    @staticmethod
-    def blocks_by_group(blocks: torch.Tensor) -> torch.Tensor:
-        """(B, n, ...) blocks -> (B, n+1, ...): entry g is block g-1, the one a position t with
-        floor((t+1)/2^i) = g sees (zeros for g = 0)."""
-        return torch.cat([blocks.new_zeros(blocks.shape[0], 1, *blocks.shape[2:]), blocks], dim=1)
+    def nodes_at(self, h: torch.Tensor, tree: list[torch.Tensor], position: torch.Tensor,
+                 start: WindowStart | None = None) -> torch.Tensor:
+        """The nodes a step at window position `position` leaves behind, read off a parallel pass: (B, S, E).
 
-    def nodes_at(self, h: torch.Tensor, tree: list[torch.Tensor], position: torch.Tensor) -> torch.Tensor:
-        """The nodes a step at `position` leaves behind, read off a parallel pass: (B, S, E).
-
-        h: (B, T, E); tree from `tree(h)`; position: (B,) int64 < T, one per row. Level i is
-        entry floor((position+1)/2^i) of `blocks_by_group` (zeros for entry 0).
+        h: (B, T, E); tree from `tree(h, ...)`; position: (B,) int64 < T, one per row. Level i is
+        entry floor((p mod 2^i + position + 1) / 2^i) of the level's entries (p = 0 without `start`).
         """
-        B, _, E = h.shape
+        B, T, E = h.shape
         rows = position.view(B, 1, 1).expand(B, 1, E)
         nodes = [h.gather(1, rows)]  # (B, 1, E)
         for i, level in enumerate(tree, start=1):
-            group = torch.div(position + 1, 2**i, rounding_mode="floor")  # exact: T < 2^24
-            index = group.view(B, 1, 1, 1).expand(B, 1, *level.shape[2:])
-            nodes.append(self.blocks_by_group(level).gather(1, index).squeeze(1))  # (B, K, E)
+            remainder = start.remainders[:, i - 1] if start is not None else torch.zeros_like(position)
+            entry = block_entry(remainder, position + 1, 2**i, T + 1)  # (B,)
+            index = entry.view(B, 1, 1, 1).expand(B, 1, *level.shape[2:])
+            nodes.append(level.gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
 
     def step_masks(self, pointer: torch.Tensor, dtype: torch.dtype, exact: bool = False, full: bool = False) -> StepMasks:

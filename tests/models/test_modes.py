@@ -271,3 +271,109 @@ def test_exact_zero_level_step_at_a_resummarizing_pointer_is_wrong():
     gap = (got[1] - want.memory).abs().amax(-1)[0]  # (N, S)
     assert gap[0, 0] <= ATOL  # layer 0's level 0 (the token's own node) is computed either way
     assert (gap[:, 1:] > 1e-3).all(), gap  # levels 1..5 (2 banks each): stale in the 0-level step
+
+
+# Parallel mode from any state. Start pointers: pointer 0, unaligned, just below 2^k boundaries (every
+# level re-summarizes at the next token), past 2^24 (where float32 loses integers) and 2^31 (int32),
+# and near the int64 limit; one batch holds them all, so rows at different pointers are covered too.
+STARTS = (0, 37, 31, 63, 2**24 - 3, 2**31 - 2, 2**62 + 5, 2**63 - 1 - 80)
+
+
+def random_state(model: LMN, pointers, seed: int = 0) -> StepState:
+    """A state at `pointers` with random nodes: the modes must agree from any state, not only reachable ones."""
+    cfg = model.config
+    memory = torch.randn(len(pointers), cfg.n_layer, cfg.n_slots, cfg.n_embd, generator=torch.Generator().manual_seed(seed))
+    return StepState(memory, torch.tensor(pointers, dtype=torch.int64))
+
+
+def assert_forward_from_state_agrees(model: LMN, T: int, starts=STARTS) -> None:
+    state = random_state(model, starts)
+    tokens = torch.randint(model.config.vocab_size, (len(starts), T), generator=torch.Generator().manual_seed(T))
+    stepped, final = run_steps(model, tokens, state)
+    lengths = torch.tensor([T - (b % 3) * (T // 3) for b in range(len(starts))])  # rows of their own lengths too
+    with torch.no_grad():
+        parallel, after = model(tokens, return_state=True, state=state)
+        _, partial = model(tokens, return_state=True, state=state, lengths=lengths)
+    torch.testing.assert_close(parallel, stepped, atol=ATOL, rtol=0)
+    torch.testing.assert_close(after.memory, final.memory, atol=ATOL, rtol=0)
+    assert torch.equal(after.pointer, final.pointer)
+    for b, length in enumerate(lengths.tolist()):
+        _, alone = run_steps(model, tokens[b : b + 1, :length], StepState(state.memory[b : b + 1], state.pointer[b : b + 1]))
+        torch.testing.assert_close(partial.memory[b : b + 1], alone.memory, atol=ATOL, rtol=0)
+        assert partial.pointer[b] == alone.pointer[0]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_agree_from_any_state(name):
+    assert_forward_from_state_agrees(make(VARIANTS[name]), T=70)
+
+
+@pytest.mark.parametrize("name", LMN_PRESETS)
+def test_presets_agree_from_any_state(name):
+    assert_forward_from_state_agrees(make(LMN_PRESETS[name]), T=40)
+
+
+def test_from_state_far_beyond_top_level_and_in_pieces():
+    """A long stream fed as consecutive windows, each from the state the last one left, is the stream
+    stepped whole (windows longer than the top level's block, at odd lengths)."""
+    model = make(dataclasses.replace(TINY, max_levels=5))
+    tokens = torch.randint(11, (2, 301), generator=torch.Generator().manual_seed(3))
+    stepped, final = run_steps(model, tokens)
+    state, outs = model.init_state(2), []
+    with torch.no_grad():
+        for a, b in ((0, 1), (1, 40), (40, 41), (41, 200), (200, 301)):
+            logits, state = model(tokens[:, a:b], return_state=True, state=state)
+            outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, dim=1), stepped, atol=ATOL, rtol=0)
+    torch.testing.assert_close(state.memory, final.memory, atol=ATOL, rtol=0)
+
+
+def test_from_state_negative_control():
+    """A wrong starting state (pointer off by one, or one node changed) must fail the comparison."""
+    model = make(TINY)
+    state = random_state(model, [37, 2**24 - 3])
+    tokens = torch.randint(11, (2, 40), generator=torch.Generator().manual_seed(4))
+    stepped, _ = run_steps(model, tokens, state)
+    wrong_pointer = StepState(state.memory, state.pointer + 1)
+    wrong_node = StepState(state.memory.clone(), state.pointer)
+    wrong_node.memory[:, 1, 3] += 0.5  # layer 1, level 2 bank 0: a level every start pointer here has filled
+    with torch.no_grad():
+        for wrong in (wrong_pointer, wrong_node):
+            gap = (model(tokens, state=wrong) - stepped).abs().max().item()
+            assert gap > 100 * ATOL, f"a wrong starting state moved logits by only {gap}"
+
+
+def test_gradients_flow_into_the_starting_state():
+    """A caller may train through the starting state, or detach it to stop the gradient."""
+    model = make(VARIANTS["conv-bank2-expand2"])
+    state = random_state(model, [5, 300])
+    state.memory.requires_grad_(True)
+    tokens = torch.randint(11, (2, 20), generator=torch.Generator().manual_seed(5))
+    model(tokens, state=state).logsumexp(-1).mean().backward()
+    grad = state.memory.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert grad[:, :, 0].abs().sum() > 0 and grad[:, :, 1:].abs().sum() > 0  # level 0 and the summaries
+    detached = StepState(state.memory.detach(), state.pointer)
+    model.zero_grad()
+    model(tokens, state=detached).logsumexp(-1).mean().backward()
+    assert detached.memory.grad is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: StepState(s.memory[:1], s.pointer), "memory must be"),  # batch size
+    (lambda s: StepState(s.memory[:, :, :-1], s.pointer), "memory must be"),  # shape
+    (lambda s: StepState(s.memory.double(), s.pointer), "memory must be"),  # dtype
+    (lambda s: StepState(s.memory, s.pointer.int()), "pointer must be int64"),
+    (lambda s: StepState(s.memory, s.pointer[:1]), "pointer must be int64"),
+    (lambda s: StepState(s.memory, torch.tensor([3, -1])), "starting pointers must be in"),
+    (lambda s: StepState(s.memory, torch.tensor([3, 2**63 - 1 - 9])), "starting pointers must be in"),
+])
+def test_bad_starting_state_is_one_line_error(change, message):
+    model = make(TINY)
+    state = random_state(model, [3, 4])
+    bad = change(state)
+    before = (bad.memory.clone(), bad.pointer.clone())
+    with pytest.raises(ValueError, match=message) as error:
+        model(torch.zeros(2, 10, dtype=torch.int64), state=bad)
+    assert "\n" not in str(error.value)
+    assert torch.equal(bad.memory, before[0]) and torch.equal(bad.pointer, before[1])  # nothing changed

@@ -27,29 +27,48 @@ def expected_codes(t: int, max_levels: int, n_bank: int) -> set[float]:
     return codes
 
 
+def code_tree(cfg: LMNConfig, T: int, start: int | None) -> list[torch.Tensor]:
+    """Level entries as `LogMemory.tree` returns them, each slot a code: entry 0 the block before the window
+    (block floor(p/2^i) - 1, as the start state holds it), then each block completed within the window."""
+    p = start or 0
+    tree = []
+    for i in range(1, cfg.max_levels):
+        first, last = p // 2**i - 1, (p + T) // 2**i - 1  # the start state's block, the last one completed
+        count = (-(-T // 2**i) if start is not None else T // 2**i) + 1  # entries the pass holds (the last may be unused)
+        blocks = [first + j if first + j <= last else -7 for j in range(count)]
+        tree.append(torch.tensor([[[10**6 * i + 1000 * b + k + 1.0] for k in range(cfg.n_bank)] for b in blocks],
+                                 dtype=torch.float64).view(1, count, cfg.n_bank, 1))
+    return tree
+
+
 @pytest.mark.parametrize("chunk", [2, 4, 16, 64])
 @pytest.mark.parametrize("n_bank", [1, 2])
-def test_every_position_sees_exactly_its_slots(chunk, n_bank):
+@pytest.mark.parametrize("start", [None, 0, 1, 5, 16, 37, 2**20 + 3], ids=lambda p: f"from-{p}")
+def test_every_position_sees_exactly_its_slots(chunk, n_bank, start):
     """Slots carry codes (a token: its position; a summary: its level, block and bank); for every row, the
-    codes of the slots `valid` keeps are exactly the ones the memory's definition names."""
+    codes of the slots the pass keeps (`valid`, and from a state the per-row `table_bias`) are exactly the
+    ones the memory's definition names, from pointer 0 (None) and from a state at pointer `start`."""
     cfg = dataclasses.replace(CFG, n_bank=n_bank)
     memory = LogMemory(cfg)
     memory.chunk = chunk
+    p = start or 0
     for T in LENGTHS:
-        layout = memory.slot_layout(T, torch.device("cpu"))
-        h = torch.arange(1, T + 1, dtype=torch.float64).view(1, T, 1)  # (1, T, E=1)
-        tree = [torch.tensor([[[10**6 * i + 1000 * j + k + 1.0] for k in range(n_bank)] for j in range(T // 2**i)],
-                             dtype=torch.float64).view(1, T // 2**i, n_bank, 1) for i in range(1, cfg.max_levels)]
-        table = memory.slot_table(h, tree, layout)  # (1, R, 1)
+        window = None if start is None else memory.window_start(torch.tensor([p]), T)
+        layout = memory.slot_layout(T, torch.device("cpu"), from_state=window is not None)
+        h = torch.arange(p + 1, p + T + 1, dtype=torch.float64).view(1, T, 1)  # (1, T, E=1)
+        table = memory.slot_table(h, code_tree(cfg, T, start), layout, window)  # (1, R, 1)
         assert table.shape[1] == sum(layout.regions)
-        slots = memory.chunk_slots(table.unsqueeze(-1), layout)  # (1, 1, P/C, S, 1)
-        codes = slots.flatten(0, 2).squeeze(-1)  # (P/C, S): the same slots for every row of a chunk
-        valid = layout.valid  # (P/C, C, S)
-        for t in range(T):
-            c, p = divmod(t + 1, layout.chunk)  # row t + 1 holds position t
-            seen = codes[c][valid[c, p]].tolist()
+        codes = memory.chunk_slots(table.unsqueeze(-1), layout, window).flatten(0, 2).squeeze(-1)  # (P/C, W)
+        holds = torch.ones_like(codes, dtype=torch.bool)  # (P/C, W): every slot of a chunk holds a block
+        if window is not None:
+            bias = memory.chunk_slots(window.table_bias.double()[..., None, None], layout, window)
+            holds = torch.isfinite(bias.flatten(0, 2).squeeze(-1))
+        rows = window.tokens[0].tolist() if window is not None else [t + 1 for t in range(T)]
+        for t, row in enumerate(rows):
+            c, r = divmod(row, layout.chunk)
+            seen = codes[c][layout.valid[c, r] & holds[c]].tolist()
             assert len(seen) == len(set(seen)), (T, t)  # no slot twice
-            assert set(seen) == expected_codes(t, cfg.max_levels, n_bank), (chunk, n_bank, T, t)
+            assert set(seen) == expected_codes(p + t, cfg.max_levels, n_bank), (chunk, n_bank, T, t)
 
 
 def test_rows_by_chunk_and_back():
@@ -60,6 +79,10 @@ def test_rows_by_chunk_and_back():
     assert rows.shape == (2, 3, layout.rows // layout.chunk, layout.chunk, 5)
     assert rows.flatten(2, 3)[:, :, 0].abs().sum() == 0 and rows.flatten(2, 3)[:, :, 38:].abs().sum() == 0  # padding
     assert torch.equal(memory.positions(rows, layout), x)
+    window = memory.window_start(torch.tensor([0, 13]), 37)  # rows aligned per batch row: token 0 at row 1 + p mod C
+    rows = memory.chunk_rows(x, memory.slot_layout(37, torch.device("cpu"), from_state=True), window)
+    assert torch.equal(rows.flatten(2, 3)[1, :, 14], x[1, 0]) and rows.flatten(2, 3)[1, :, :14].abs().sum() == 0
+    assert torch.equal(memory.positions(rows, layout, window), x)
 
 
 def test_layout_built_once_per_length_and_device_except_while_tracing(monkeypatch):
