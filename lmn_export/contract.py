@@ -1,4 +1,4 @@
-"""lmn.json, format 2: the export's contract, built from the graphs an export wrote.
+"""lmn.json, format 3: the export's contract, built from the graphs an export wrote.
 
 One builder for every writer (lmn-export, the benchmark's timing exports): the vocabulary, the
 state and how it starts, the pointer range, the fast-path and prefill rules as data, each graph's
@@ -34,13 +34,16 @@ LAYOUTS = {"memory": MEMORY_LAYOUT, "pointer": POINTER_LAYOUT,
 FAST_PATH_RULE = ("for a step at input pointer p, if p >= valid_from_pointer for every row and every row gives the same "
                   "levels = min(trailing_zeros(p + 1), levels_cap), run the step_levels graph of those levels (same "
                   "precision) if the export has it; otherwise run the step graph. Both give the same outputs there.")
-PREFILL_RULE = ("from the initial state only (an empty stream at pointer 0): tokens[b, :length[b]] are the first tokens "
-                "of row b, positions >= length[b] hold padding_id; outputs the logits at position length[b] - 1 and the "
-                "state after length[b] steps (pointer_out = length). Choose the smallest size >= the prompt's length, "
-                "or the largest and step the rest. length outside 1..size is an error the graph does not catch. "
+PREFILL_RULE = ("from any state, like a step: memory and pointer are a stream's state (the initial one, or one a step or "
+                "prefill returned); tokens[b, :length[b]] are row b's next tokens, positions >= length[b] hold padding_id; "
+                "outputs the logits at the last of them (position length[b] - 1) and the state after length[b] steps from "
+                "the given state (pointer_out = pointer + length). Rows may be at different pointers. Choose the smallest "
+                "size >= the tokens to feed, or run the largest repeatedly and then the smallest that holds the rest. "
+                "length outside 1..size, or pointer + length - 1 > pointer.max, is an error the graph does not catch. "
                 "A precision with no prefill graph of a size uses the `precision_fallback` one. The lmn runtime "
-                "prefills a stream's first prompt of at least `min_prompt_tokens` tokens and steps shorter ones "
-                "(outputs agree either way within the conformance tolerance; exact reproduction needs the same choice).")
+                "prefills every chunk of at least `min_prompt_tokens` tokens fed at once (a prompt, a chat turn, a "
+                "pasted text, at any pointer) and steps shorter ones (outputs agree either way within the conformance "
+                "tolerance; exact reproduction needs the same choice).")
 
 
 def vocabulary_section(kind: str, chars: str | None) -> dict:
@@ -75,7 +78,7 @@ def state_section(step: dict) -> dict:
     return {"tensors": tensors,
             "initial": "every state tensor all zeros: the empty stream at pointer 0",
             "start_at_pointer": "to start a stream at pointer p (as if p tokens had passed and been forgotten), use the "
-                                "initial state with pointer = p; p <= pointer.max. Prefill graphs start at 0 only.",
+                                "initial state with pointer = p; p <= pointer.max. Prefill graphs start from any state.",
             "bytes_per_stream": per_stream,
             "file": {"magic": STATE_MAGIC.decode(), "version": STATE_VERSION, "layout": STATE_FILE_LAYOUT}}
 
@@ -95,15 +98,15 @@ def fast_paths_section(cfg: dict) -> dict:
 
 
 def prefill_section() -> dict:
-    return {"graph": "prefill", "starts_from": "initial state", "length_min": 1, "length_max": "size",
-            "logits_position": "length - 1", "padding_id": 0, "pointer_after": "length",
+    return {"graph": "prefill", "starts_from": "any state", "length_min": 1, "length_max": "size",
+            "logits_position": "length - 1", "padding_id": 0, "pointer_after": "pointer + length",
             "precision_fallback": "fp32", "min_prompt_tokens": PREFILL_MIN_TOKENS, "rule": PREFILL_RULE}
 
 
 def build_manifest(directory: Path, cfg: dict, vocab_kind: str, chars: str | None, graphs: list[dict],
                    validated: list[tuple[int, int, str]], source: dict | None = None, parity: dict | None = None,
                    conformance: dict | None = None) -> dict:
-    """The sealed format-2 manifest of the graphs in `directory` (a copy of the schema is placed beside them)."""
+    """The sealed format-3 manifest of the graphs in `directory` (a copy of the schema is placed beside them)."""
     graphs = [{**g, "pointer_max": str(pointer_max(g, cfg))} if g["name"] != "prefill" else dict(g) for g in graphs]
     step = next(g for g in graphs if g["name"] == "step")
     shutil.copyfile(SCHEMA_PATH, directory / SCHEMA_FILE)

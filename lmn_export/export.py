@@ -25,8 +25,8 @@ from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES, export_precision
-from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_parity,
-                       start_pointers, stream_parity, stream_tokens)
+from .validate import (FP16_ATOL, FP32_ATOL, PREFILL_WARMUP, ParityReport, check_names, prefill_parity,
+                       prefill_starts, start_pointers, stream_parity, stream_tokens)
 
 log = logging.getLogger(__name__)
 TARGETS = ("onnx", "coreml")
@@ -233,8 +233,11 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                                "opset": options.opset, "size": size, **pspec.to_dict()})
                 ppredictor = OnnxPredictor(work / name)
                 check_names(pspec, ppredictor.input_names, ppredictor.output_names)
-                ptokens = stream_tokens(model, text_ids, size)
-                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, [size, size // 2 + 1, 1],
+                pstarts = prefill_starts(model, size)
+                ptokens = stream_tokens(model, text_ids, PREFILL_WARMUP + size, len(pstarts))
+                plengths = [(size, size // 2 + 1, 1)[b % 3] for b in range(len(pstarts))]
+                progress(f"checking ONNX prefill {size} parity from {len(pstarts)} states")
+                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, plengths, pstarts,
                                               _atol(options, FP32_ATOL), f"onnx prefill {size}", ppredictor.runner))
         fp32 = list(graphs)
         for precision in (q for q in QUANTIZE_CHOICES if q in options.quantize):  # a fixed order: reproducible

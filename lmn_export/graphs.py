@@ -96,18 +96,21 @@ def step_spec(cfg, int_dtype: str = "int64") -> GraphSpec:
 
 
 def prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
-    """I/O of a prefill graph: up to `size` prompt tokens from the empty state (parallel mode).
+    """I/O of a prefill graph: up to `size` tokens in parallel from any state (the step's memory and pointer).
 
-    tokens (B, size) holds each row's prompt left-aligned, padded with any valid id; length (B,)
-    says how many are real (1..size). Outputs the logits at position length-1 and the state
-    after `length` tokens, which equals that of `length` steps; padding never leaks in (causality).
+    tokens (B, size) holds each row's next tokens left-aligned, padded with any valid id; length (B,)
+    says how many are real (1..size). Outputs the logits at the last real token and the state after
+    `length` tokens, which equals that of `length` steps from the same state; padding never leaks in
+    (causality).
     """
     memory_shape = (BATCH, cfg.n_layer, cfg.n_slots, cfg.n_embd)
     return GraphSpec(
-        inputs=(TensorSpec("tokens", (BATCH, size), "int64", "tokens"), TensorSpec("length", (BATCH,), "int64", "length")),
+        inputs=(TensorSpec("tokens", (BATCH, size), "int64", "tokens"), TensorSpec("length", (BATCH,), "int64", "length"),
+                state_tensor("memory", memory_shape, "float32", "memory"), state_tensor("pointer", (BATCH,), "int64", "pointer")),
         outputs=(TensorSpec("logits", (BATCH, cfg.vocab_size), "float32", "logits"),
                  state_tensor("memory_out", memory_shape, "float32", "memory"),
                  state_tensor("pointer_out", (BATCH,), "int64", "pointer")),
+        state=(StateSpec("memory", "memory_out", MEMORY_LAYOUT), StateSpec("pointer", "pointer_out", POINTER_LAYOUT)),
     )
 
 
@@ -146,14 +149,15 @@ def step_graph(model: LMN | GPT, int_dtype: torch.dtype = torch.int64, levels: i
 
 
 class PrefillGraph(nn.Module):
-    """(tokens (B, P), length (B,)) -> logits at length-1 (B, V), memory_out, pointer_out."""
+    """(tokens (B, P), length (B,), memory, pointer) -> logits at length-1 (B, V), memory_out, pointer_out:
+    the LMN's own parallel `forward` from the given state, named."""
 
     def __init__(self, model: LMN):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, length: torch.Tensor):
-        logits, state = self.model(tokens, return_state=True, lengths=length)
+    def forward(self, tokens: torch.Tensor, length: torch.Tensor, memory: torch.Tensor, pointer: torch.Tensor):
+        logits, state = self.model(tokens, return_state=True, lengths=length, state=StepState(memory, pointer))
         last = (length - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
         return logits.gather(1, last).squeeze(1), state.memory, state.pointer
 

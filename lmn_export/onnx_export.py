@@ -72,7 +72,9 @@ def export_step(model: LMN | GPT, path: Path, opset: int = DEFAULT_OPSET, levels
 
 def export_prefill(model: LMN, path: Path, size: int, opset: int = DEFAULT_OPSET) -> GraphSpec:
     spec = prefill_spec(model.config, size)
-    args = (torch.zeros(2, size, dtype=torch.int64), torch.tensor([size, 1], dtype=torch.int64))
+    memory, _ = example_state(model, 2)
+    args = (torch.zeros(2, size, dtype=torch.int64), torch.tensor([size, 1], dtype=torch.int64), memory,
+            torch.tensor([0, 2**31 + 5], dtype=torch.int64))
     _export(PrefillGraph(model), args, spec, path, opset)
     return spec
 

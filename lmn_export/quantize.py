@@ -41,7 +41,7 @@ import numpy as np
 
 from runtime.atomic import atomic_path, write_atomic
 from .predictors import FastPathPredictor, OnnxPredictor
-from .validate import START_POINTERS, OutputDiff, ParityReport
+from .validate import PREFILL_WARMUP, START_POINTERS, OutputDiff, ParityReport
 
 QUANTIZE_CHOICES = ("int4", "int8", "dynamic-int8")
 DEFAULT_QUANT_BLOCK = 32
@@ -80,8 +80,13 @@ def quantized_name(file: str, precision: str) -> str:
 # ---- judging -------------------------------------------------------------------------------------
 
 def _stream(predictor, ids: list[int], start: int = 0, state: dict | None = None) -> np.ndarray:
-    """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`);
-    a graph's state outputs are `<input>_out`."""
+    """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`)."""
+    return _stream_state(predictor, ids, start, state)[0]
+
+
+def _stream_state(predictor, ids: list[int], start: int = 0, state: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`), and the state
+    after them; a graph's state outputs are `<input>_out`."""
     if state is None:
         state = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype=ORT_DTYPES[i.type])
                  for i in predictor.session.get_inputs() if i.name != "token"}
@@ -91,7 +96,7 @@ def _stream(predictor, ids: list[int], start: int = 0, state: dict | None = None
         got = predictor.predict({"token": np.array([token], dtype=np.int64), **state})
         out.append(got["logits"][0])
         state = {name: got[f"{name}_out"] for name in state}
-    return np.stack(out) if out else np.zeros((0, 0), np.float32)
+    return (np.stack(out) if out else np.zeros((0, 0), np.float32)), state
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -136,19 +141,25 @@ def stream_report(fp32, quantized, text_ids: list[int], tokens: int, gate: Gate,
 
 def prefill_report(fp32_step, prefill, size: int, text_ids: list[int], tokens: int, gate: Gate, graph: str,
                    want: np.ndarray | None = None) -> ParityReport:
-    """A prefill graph judged by what it hands on: it reads the first L = min(size, tokens/2) tokens,
-    then the fp32 step continues from its state; its logits and the continuation's are judged
-    against the fp32 step streaming the whole text (a damaged memory shows in every later token)."""
+    """A prefill graph judged by what it hands on, from the middle of a stream: the fp32 step reads the
+    first W = min(PREFILL_WARMUP, tokens/4) tokens (an odd pointer past 2^5 on the default text), the
+    prefill the next L = min(size, (tokens - W)/2) from that state, then the fp32 step continues from its
+    state; its logits and the continuation's are judged against the fp32 step streaming the whole text
+    (a damaged memory shows in every later token)."""
     ids = text_window(text_ids, tokens)
     n = len(ids) - 1
-    length = min(size, max(1, n // 2))
+    warm = min(PREFILL_WARMUP, max(1, n // 4))
+    length = min(size, max(1, (n - warm) // 2))
     want = _stream(fp32_step, ids[:-1]) if want is None else want
+    _, state = _stream_state(fp32_step, ids[:warm])
     padded = np.zeros((1, size), dtype=np.int64)
-    padded[0, :length] = ids[:length]
-    out = prefill.predict({"tokens": padded, "length": np.array([length], dtype=np.int64)})
+    padded[0, :length] = ids[warm : warm + length]
+    out = prefill.predict({"tokens": padded, "length": np.array([length], dtype=np.int64), **state})
     state = {name: out[f"{name}_out"] for name in ("memory", "pointer")}
-    got = np.concatenate([out["logits"], _stream(fp32_step, ids[length:n], state=state).reshape(-1, out["logits"].shape[-1])])
-    return compare(want[length - 1:], got, ids[length:], gate, graph)
+    rest = _stream(fp32_step, ids[warm + length : n], state=state).reshape(-1, out["logits"].shape[-1])
+    got = np.concatenate([out["logits"], rest])
+    report = compare(want[warm + length - 1 :], got, ids[warm + length :], gate, graph, start=warm)
+    return report
 
 
 # ---- weight-only quantization of one graph -------------------------------------------------------

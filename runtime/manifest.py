@@ -1,6 +1,6 @@
 """The export folder's manifest, `lmn.json`: the contract the runtime (or any client) reads first.
 
-Format 2 is defined by `runtime/lmn.schema.json` (a copy lies in every export folder, named by
+Format 3 is defined by `runtime/lmn.schema.json` (a copy lies in every export folder, named by
 its "$schema" field) and checked on load, with the cross-field rules a schema cannot state
 (`check_fields`). In short:
   model: the model config; vocabulary: kind, unit, tokens, id range, start token, unknown policies
@@ -11,7 +11,8 @@ its "$schema" field) and checked on load, with the cross-field rules a schema ca
            pairs (input -> output), levels / size / pointer_max}]: the runtime picks graphs by these
            fields and binds tensors by role, never by file or tensor name
   files: {relative path: {sha256, bytes}}; integrity: the sha256 of the manifest itself
-A format-1 folder (written before this contract) is refused with a message to re-export it.
+A folder of an older format (format 2's prefill graphs start from the empty state only; format 1 predates
+this contract) is refused with a message to re-export it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from .schema_check import SchemaViolation, check, load_schema
 
 FORMAT = "lmn-export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "lmn.json"
 
 
@@ -189,7 +190,7 @@ def check_fields(path: Path, data: dict[str, Any]) -> None:
         for pair in entry["state"]:
             if names.get(pair["input"], {}).get("state") != pair["tensor"] or names.get(pair["output"], {}).get("state") != pair["tensor"]:
                 _fail(path, f"{where} pairs {pair['input']} -> {pair['output']}, which do not both carry {pair['tensor']!r}")
-        if not prefill and ({p["tensor"] for p in entry["state"]} != state_names or "pointer_max" not in entry):
+        if {p["tensor"] for p in entry["state"]} != state_names or not prefill and "pointer_max" not in entry:
             _fail(path, f"{where} does not carry every state tensor, or lacks pointer_max")
         if entry["name"] == "step_levels" and "levels" not in entry or prefill and "size" not in entry:
             _fail(path, f"{where} lacks its {'size' if prefill else 'levels'}")

@@ -128,12 +128,17 @@ class ExportedModel:
     def max_prefill(self) -> int:
         return self.prefill_graphs[-1]["size"] if self.prefill_graphs else 0
 
-    def prefill(self, ids: list[int]) -> tuple[int, np.ndarray, dict[str, np.ndarray], str]:
-        """Run the first tokens of a prompt in parallel from the empty state (lmn.json `prefill`).
+    def prefill_graph(self, count: int) -> dict:
+        """The prefill graph for `count` tokens: the smallest that holds them, else the largest."""
+        return next((g for g in self.prefill_graphs if g["size"] >= count), self.prefill_graphs[-1])
 
-        Uses the smallest prefill graph that holds the prompt (or the largest, for the first
-        `max_prefill` tokens of a longer one). Returns (tokens consumed, logits (V,), state, graph file).
-        The graph cannot check `length` (1..size) or the token ids: they are checked here first.
+    def prefill(self, ids: list[int], state: dict[str, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray], str]:
+        """Run the first tokens of `ids` in parallel from `state` (a stream's state, keyed by the step graph's
+        inputs, batch 1; lmn.json `prefill`).
+
+        Uses `prefill_graph(len(ids))`: all of `ids`, or the first `max_prefill` of a longer run. Returns
+        (tokens consumed, logits (V,), the state after them, graph file). The graph cannot check `length`
+        (1..size) or the token ids: they are checked here first; the caller checks the pointer bound.
         """
         if not self.prefill_graphs:
             raise ManifestError(f"{self.directory} has no prefill graph")
@@ -142,7 +147,7 @@ class ExportedModel:
         if not ids or bad:
             raise ValueError(f"prefill takes 1 or more token ids in [0, {vocab_size}); got {len(ids)} ids, "
                              f"out of range: {bad[:5]}")
-        graph = next((g for g in self.prefill_graphs if g["size"] >= len(ids)), self.prefill_graphs[-1])
+        graph = self.prefill_graph(len(ids))
         size, used = graph["size"], min(len(ids), graph["size"])
         with self._lock:
             session = self._prefill_sessions.get(size)
@@ -152,13 +157,12 @@ class ExportedModel:
         tokens = np.full((1, size), rule["padding_id"], dtype=np.int64)
         tokens[0, :used] = ids[:used]
         inputs = {role_name(graph["inputs"], "tokens"): tokens,
-                  role_name(graph["inputs"], "length"): np.array([used], dtype=np.int64)}
-        state_outputs = {t["name"]: t["state"] for t in graph["outputs"] if t["role"] == "state"}
-        names = [role_name(graph["outputs"], "logits"), *state_outputs]
+                  role_name(graph["inputs"], "length"): np.array([used], dtype=np.int64),
+                  **{pair["input"]: state[state_input(self.step_graph, pair["tensor"])] for pair in graph["state"]}}
+        names = [role_name(graph["outputs"], "logits"), *(pair["output"] for pair in graph["state"])]
         logits, *states = session.run(names, inputs)
-        inputs_of = {p["tensor"]: p["input"] for p in self.step_graph["state"]}  # the step's input carrying each tensor
-        state = {inputs_of[tensor]: value for tensor, value in zip(state_outputs.values(), states)}
-        return used, logits[0], state, graph["file"]
+        after = {state_input(self.step_graph, pair["tensor"]): value for pair, value in zip(graph["state"], states)}
+        return used, logits[0], after, graph["file"]
 
 
 def load(directory: Path | str | None = None, threads: int = 1, backend: str = "onnxruntime",

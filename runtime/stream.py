@@ -19,7 +19,7 @@ from .model import ExportedModel
 from .sampling import check_sampling, sample
 from .state_file import StateFileError, load_state, save_state
 
-PREFILL_MIN_TOKENS = 16  # what lmn-export writes as lmn.json prefill.min_prompt_tokens: shorter first prompts are stepped
+PREFILL_MIN_TOKENS = 16  # what lmn-export writes as lmn.json prefill.min_prompt_tokens: shorter chunks are stepped
 
 
 class ContextFullError(RuntimeError):
@@ -104,13 +104,13 @@ class Stream:
             raise ValueError(f"token ids out of range: they must be whole numbers in [0, {vocab_size}); got {bad[:5]}")
         ids = [int(i) for i in ids]
         self._check_room(len(ids))
-        if self.tokens_seen == 0 and self.start_pointer == 0 and self.model.max_prefill \
-                and len(ids) >= self.model.manifest.data["prefill"]["min_prompt_tokens"]:
-            used, logits, state, graph = self.model.prefill(ids)
+        shortest = self.model.manifest.data["prefill"]["min_prompt_tokens"] if self.model.max_prefill else None
+        while shortest is not None and len(ids) >= shortest:  # in pieces of at most the largest prefill graph
+            used, logits, state, graph = self.model.prefill(ids, self.stepper.state)
             self.stepper.set_state(state)
             self.prefill_calls[graph] += 1
             self.logits = np.array(logits)
-            self.tokens_seen = used
+            self.tokens_seen += used
             self.decoder.skip(ids[:used])
             ids = ids[used:]
         for i in ids:
@@ -119,7 +119,7 @@ class Stream:
             self.decoder.skip((i,))
 
     def feed(self, text: str) -> None:
-        """Feed text (prefill graph for a long first prompt, single steps otherwise)."""
+        """Feed text (prefill graphs for a long enough chunk, at any point of the stream; single steps otherwise)."""
         self.feed_ids(self.model.vocab.encode(text))
 
     def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -22,7 +22,7 @@ from lmn_export.export import ExportOptions, export
 from lmn_export.predictors import OnnxPredictor
 from lmn_export.onnx_export import ExportError
 from runtime.atomic import STAGING_MARK, remove_stale_folders as remove_stale
-from lmn_export.validate import prefill_parity, stream_parity, stream_tokens
+from lmn_export.validate import PREFILL_WARMUP, prefill_parity, prefill_starts, stream_parity, stream_tokens
 from models.checkpoint import save
 from runtime.atomic import TEMP_MARK
 
@@ -236,17 +236,30 @@ def test_parity_fails_on_nan_and_inf(tmp_path, name, value):
         "max_abs_diff"] is None  # standard JSON: null, never NaN
 
 
-def test_a_prefill_graph_of_other_weights_fails(tmp_path):
+class StartsEmpty:
+    """A prefill that ignores the state it is given and starts from the empty stream at pointer 0 (the old graphs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def predict(self, inputs):
+        empty = {**inputs, "memory": np.zeros_like(inputs["memory"]), "pointer": np.zeros_like(inputs["pointer"])}
+        got = self.inner.predict(empty)
+        return {**got, "pointer_out": got["pointer_out"] + inputs["pointer"]}
+
+
+def test_a_prefill_graph_of_other_weights_or_from_the_wrong_state_fails(tmp_path):
     model, other = tiny_model(seed=0), tiny_model(seed=1)
-    tokens = stream_tokens(model, VOCAB.encode("To be, or not to be"), 16)
-    for source, should_pass in ((model, True), (other, False)):
+    starts = prefill_starts(model, 16)
+    tokens = stream_tokens(model, VOCAB.encode("To be, or not to be"), PREFILL_WARMUP + 16, len(starts))
+    lengths = [(16, 9, 1)[b % 3] for b in range(len(starts))]
+    for source, should_pass in ((other, False), (model, True)):  # the model's own graph last: the controls wrap it
         spec = onnx_export.export_prefill(source, tmp_path / "p.onnx", 16)
-        report = prefill_parity(model, OnnxPredictor(tmp_path / "p.onnx"), spec, tokens, [16, 9, 1], FP32_BOUND,
+        report = prefill_parity(model, OnnxPredictor(tmp_path / "p.onnx"), spec, tokens, lengths, starts, FP32_BOUND,
                                 "prefill", "ort")
         assert report.passed is should_pass, report.to_dict()
-    nan = prefill_parity(model, Poisoned(OnnxPredictor(tmp_path / "p.onnx"), "memory_out"), spec, tokens,
-                         [16, 9, 1], FP32_BOUND, "prefill", "ort")
-    assert not nan.passed
+    for wrong in (Poisoned(OnnxPredictor(tmp_path / "p.onnx"), "memory_out"), StartsEmpty(OnnxPredictor(tmp_path / "p.onnx"))):
+        assert not prefill_parity(model, wrong, spec, tokens, lengths, starts, FP32_BOUND, "prefill", "ort").passed
 
 
 def test_a_bad_quantization_fails_the_quantized_gate(tmp_path):
