@@ -1,5 +1,6 @@
 """Write `conformance.json` for an export folder whose parity passed: cases that start empty, cross
-into the fast paths, feed a prompt at once (prefill), start at high pointers and generate greedily;
+into the fast paths, feed a prompt at once (prefill), feed chunks at once mid-stream (prefill from a
+state), start at high pointers and generate greedily;
 expected outputs from this runtime (itself gated against PyTorch), per precision the folder holds."""
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PROMPT_TOKENS = 100
 AFTER_PROMPT = 28
 HIGH_POINTER_TOKENS = 64
 GREEDY_TOKENS = 64
+MID_STREAM_STEPS = 45  # stepped before the first mid-stream chunk: it prefills from pointer 45 (odd, past 2^5)
+SECOND_CHUNK = 20  # a second chunk from pointer 145 (odd, past 2^7): long enough to prefill (min_prompt_tokens 16)
 REACH_CAP = 4096
 
 
@@ -60,6 +63,9 @@ def case_plan(model: runtime.ExportedModel, text_ids: list[int]) -> list[dict]:
         {"name": "from-empty-into-fast-paths", "start_pointer": "0", "tokens": ids(reach)},
         {"name": "prompt-then-steps", "start_pointer": "0", "prompt": ids(PROMPT_TOKENS, 7),
          "tokens": ids(AFTER_PROMPT, 7 + PROMPT_TOKENS), "generate": GREEDY_TOKENS},
+        {"name": "prefill-mid-stream", "start_pointer": "0", "tokens": ids(MID_STREAM_STEPS, 3),
+         "chunks": [ids(PROMPT_TOKENS, 3 + MID_STREAM_STEPS), ids(SECOND_CHUNK, 3 + MID_STREAM_STEPS + PROMPT_TOKENS)],
+         "generate": GREEDY_TOKENS // 2},
         {"name": "across-2^31", "start_pointer": str(2**31 - HIGH_POINTER_TOKENS // 2), "tokens": ids(HIGH_POINTER_TOKENS, 13)},
         {"name": "up-to-pointer-max", "start_pointer": str(top), "tokens": ids(HIGH_POINTER_TOKENS, 29)},
     ]
@@ -68,7 +74,7 @@ def case_plan(model: runtime.ExportedModel, text_ids: list[int]) -> list[dict]:
 def expected_case(model: runtime.ExportedModel, plan: dict, precision: str) -> dict:
     """A planned case with the outputs this runtime gives: argmax at every step, logits at `check_steps`,
     and (for the prompt case) greedy ids with their top-2 margins."""
-    steps = (1 if plan.get("prompt") else 0) + len(plan["tokens"])
+    steps = (1 if plan.get("prompt") else 0) + len(plan["tokens"]) + len(plan.get("chunks", []))
     checks = check_steps(steps)
     plan = dict(plan)
     greedy = plan.pop("generate", 0)

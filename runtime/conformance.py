@@ -3,7 +3,9 @@ runtime must reproduce, and the check that runs them through this runtime (`lmn-
 
 A case feeds `tokens` one by one (teacher-forced) to a stream that starts at `start_pointer`
 (decimal string; the initial state otherwise), or `prompt` at once first (where a runtime may use
-a prefill graph) and then `tokens`. After each token it reads the logits: their argmax (the lowest
+a prefill graph) and then `tokens`; then each of `chunks` (if any) at once, in the middle of the
+stream (where a runtime may prefill from the stream's state). After each token or chunk (a step)
+it reads the logits: their argmax (the lowest
 id among equal maxima) must agree with `argmax` on at least `min_argmax_agreement` of the steps,
 and at the steps listed in `logits` every value must be within `logits_atol`. A `greedy` case then
 generates `greedy.ids` by argmax; a different id is allowed only where the expected top-2 margin
@@ -55,8 +57,9 @@ def run_case(model, case: dict, check_steps: list[int], greedy: int = 0) -> Obse
     stream = Stream(model, pointer=int(case["start_pointer"]))
     observed = Observed([], {})
     wanted = set(check_steps)
-    # the prompt at once (the runtime picks prefill or steps, as for a user's prompt), then one token per step
-    feeds = ([case["prompt"]] if case.get("prompt") else []) + [[token] for token in case["tokens"]]
+    # the prompt at once (the runtime picks prefill or steps, as for a user's prompt), one token per step,
+    # then each chunk at once from the stream's state
+    feeds = ([case["prompt"]] if case.get("prompt") else []) + [[token] for token in case["tokens"]] + case.get("chunks", [])
     for step, ids in enumerate(feeds):
         stream.feed_ids(ids)
         observed.argmax.append(argmax(stream.logits))

@@ -5,7 +5,7 @@
 //
 //   const model = await loadModel({ ort, fetchFile, precision: "fp32" });
 //   const stream = model.stream();            // the initial state; stream({ pointer: 5n }) starts at p
-//   await stream.feed("ROMEO:\n");            // a prefill graph for a long first prompt, else steps
+//   await stream.feed("ROMEO:\n");            // prefill graphs for a long enough chunk (at any pointer), else steps
 //   for await (const char of stream.generate(200, { temperature: 0 })) process.stdout.write(char);
 //   const saved = await stream.saveState();   // bytes in the Python runtime's state-file format
 //
@@ -17,7 +17,7 @@
 
 export const MANIFEST = "lmn.json";
 export const FORMAT = "lmn-export";
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
 
 /** An export folder, argument or stream operation this client refuses; the message says what to do. */
 export class LmnError extends Error {
@@ -132,8 +132,8 @@ function checkManifest(m) {
   }
   if (m.prefill) {
     const p = m.prefill;
-    need(p.graph === "prefill" && p.starts_from === "initial state" && p.length_min === 1 && p.length_max === "size" &&
-      p.logits_position === "length - 1" && p.pointer_after === "length", "prefill is not the rule this client knows");
+    need(p.graph === "prefill" && p.starts_from === "any state" && p.length_min === 1 && p.length_max === "size" &&
+      p.logits_position === "length - 1" && p.pointer_after === "pointer + length", "prefill is not the rule this client knows");
   }
 }
 
@@ -423,13 +423,16 @@ export class Stream {
     this.calls[file] = (this.calls[file] ?? 0) + 1;
   }
 
-  /** Feed token ids; a long first feed of an empty stream at pointer 0 goes through a prefill graph. */
+  /**
+   * Feed token ids. A chunk of at least lmn.json `prefill.min_prompt_tokens` ids goes through prefill graphs
+   * from the stream's state, at any pointer (in pieces of the largest graph); shorter chunks are stepped.
+   */
   async feedIds(ids) {
     ids = [...ids];
     this.model.checkIds(ids);
     this.checkRoom(ids.length);
     const m = this.model;
-    if (this.tokensSeen === 0 && this.startPointer === 0n && ids.length >= m.prefillMinTokens && m.prefillGraphs.length) {
+    while (m.prefillGraphs.length && ids.length >= m.prefillMinTokens) {
       const used = await this.prefill(ids);
       ids = ids.slice(used);
     }
@@ -441,17 +444,17 @@ export class Stream {
   }
 
   /**
-   * lmn.json `prefill`: from the initial state only, the smallest graph whose size holds the ids
+   * lmn.json `prefill`: from the stream's state (any pointer), the smallest graph whose size holds the ids
    * (or the largest, for the first `size` of them); returns how many ids it consumed.
    */
   async prefill(ids) {
     const m = this.model;
-    if (this.tokensSeen !== 0 || this.pointer !== 0n) throw new LmnError("a prefill graph runs from the initial state only");
     m.checkIds(ids);
     const graph = m.prefillGraphs.find((g) => g.size >= ids.length) ?? m.prefillGraphs[m.prefillGraphs.length - 1];
     const used = Math.min(ids.length, graph.size);
     if (!(used >= m.manifest.prefill.length_min && used <= graph.size))
       throw new LmnError(`prefill length must be in [1, ${graph.size}], got ${used}`);
+    this.checkRoom(used);
     const tokensSpec = roleOf(graph.inputs, "tokens");
     const lengthSpec = roleOf(graph.inputs, "length");
     const tokens = new ARRAYS[tokensSpec.dtype](graph.size);
@@ -459,18 +462,20 @@ export class Stream {
     tokens.fill(cast(tokensSpec.dtype, m.manifest.prefill.padding_id));
     ids.slice(0, used).forEach((id, k) => (tokens[k] = cast(tokensSpec.dtype, id)));
     const length = ARRAYS[lengthSpec.dtype].of(cast(lengthSpec.dtype, used));
-    const session = await m.session(graph);
-    const out = await session.run({
+    const feeds = {
       [tokensSpec.name]: new m.ort.Tensor(tokensSpec.dtype, tokens, dims(tokensSpec.shape)),
       [lengthSpec.name]: new m.ort.Tensor(lengthSpec.dtype, length, [1]),
-    });
+    };
+    if (graph.state.length !== m.stateTensors.size) throw new LmnError(`${graph.file} does not carry every state tensor; re-export the model`);
+    for (const pair of graph.state) feeds[pair.input] = this.state[pair.tensor];
+    const expected = this.pointer + BigInt(used);
+    const out = await (await m.session(graph)).run(feeds);
     const state = {};
-    for (const t of graph.outputs.filter((t) => t.role === "state")) state[t.state] = out[t.name];
-    if (Object.keys(state).length !== m.stateTensors.size) throw new LmnError(`${graph.file} does not output every state tensor`);
+    for (const pair of graph.state) state[pair.tensor] = out[pair.output];
     this.state = state;
-    if (this.pointer !== BigInt(used)) throw new LmnError(`${graph.file} returned pointer ${this.pointer}, expected ${used}`);
+    if (this.pointer !== expected) throw new LmnError(`${graph.file} returned pointer ${this.pointer}, expected ${expected}`);
     this.logits = out[roleOf(graph.outputs, "logits").name].data.slice(0, m.vocab.size);
-    this.tokensSeen = used;
+    this.tokensSeen += used;
     this.decoder.skip(ids.slice(0, used));
     this.count(graph.file);
     return used;
@@ -633,6 +638,10 @@ export async function runCase(model, kase) {
   }
   for (const token of kase.tokens) {
     await stream.feedIds([token]);
+    record();
+  }
+  for (const chunk of kase.chunks ?? []) {
+    await stream.feedIds(chunk); // at once, mid-stream: a prefill graph from the stream's state where the runtime chooses one
     record();
   }
   for (let k = 0; k < (kase.greedy?.ids.length ?? 0); k++) {

@@ -57,7 +57,7 @@ BREAKS = [
     ("unknown vocabulary unit", lambda d: d["vocabulary"].update(unit="word")),
     ("unknown field", lambda d: d.update(valid_when="memory full")),
     ("bad sha", lambda d: d["files"][next(iter(d["files"]))].update(sha256="xyz")),
-    ("prefill from a state", lambda d: d["prefill"].update(starts_from="any state")),
+    ("prefill from the empty state only (format 2)", lambda d: d["prefill"].update(starts_from="initial state")),
     ("bool for an integer", lambda d: d["graphs"][0].update(opset=True)),
 ]
 

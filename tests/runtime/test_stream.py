@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime import ManifestError, StateFileError, Stream, UnknownCharacterError
+from runtime import ContextFullError, ManifestError, StateFileError, Stream, UnknownCharacterError
 
 PROMPT = "To be, or not to be: that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
@@ -176,18 +176,54 @@ def test_coreml_backend_needs_a_coreml_graph(export_dir):
 
 
 def test_which_graph_ran_is_observable(export_dir):
-    """A long first prompt runs the prefill graph once; steps past the full memory run the fast paths."""
+    """Every chunk fed at once runs the prefill graph, in pieces of the largest; steps past the full memory
+    run the fast paths; a chunk shorter than min_prompt_tokens is stepped."""
     model = runtime.load(export_dir)
     s = Stream(model)
-    s.feed(PROMPT)  # 85 characters: prefill_32 then 53 steps
-    assert s.graph_calls == {"prefill_32.onnx": 1, "model.onnx": len(PROMPT) - 32}
-    s.feed((PROMPT * 4)[:200])  # to pointer 285: past 2^(8-1) = 128, the fast paths take over
+    s.feed(PROMPT)  # 85 characters: prefill_32 twice, then the last 21 (>= 16) prefilled too
+    assert s.graph_calls == {"prefill_32.onnx": 3}
+    for char in (PROMPT * 4)[:200]:  # one token a turn, to pointer 285: past 2^(8-1) = 128, the fast paths take over
+        s.feed(char)
     fast = {f: n for f, n in s.graph_calls.items() if f.startswith("step_levels_")}
     assert set(fast) == {f"step_levels_{k}.onnx" for k in range(4)}
     assert sum(fast.values()) >= (285 - 128) * 15 // 16 - 2  # 15 of 16 steps once the memory is full
+    before = s.graph_calls
+    s.feed(PROMPT[:40])  # a second turn: prefilled from the stream's state (pointer 285), 32 + the last 8 stepped
+    assert s.graph_calls - before == {"prefill_32.onnx": 1, "step_levels_0.onnx": 4, "step_levels_1.onnx": 2,
+                                      "step_levels_2.onnx": 1, "model.onnx": 1}
     short = Stream(model)
     short.feed("To be")  # shorter than PREFILL_MIN_TOKENS: stepped
     assert short.graph_calls == {"model.onnx": 5}
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 50, 2**62 + 3])
+def test_later_turns_are_prefilled_from_the_stream_state(export_dir, start):
+    """Turns fed at once after others (at odd pointers, past 2^k, across 2^31) leave the logits and state that
+    stepping every token leaves: within 1e-5 (fp32, prefill and step graphs: ~1e-7 observed)."""
+    model = runtime.load(export_dir)
+    turns = ["To be, or not", PROMPT, " to be: that is", (PROMPT * 2)[:77]]
+    fed, stepped = Stream(model, pointer=start), Stream(model, pointer=start)
+    for turn in turns:
+        fed.feed(turn)
+        for char in turn:
+            stepped.feed(char)
+        np.testing.assert_allclose(fed.logits, stepped.logits, atol=1e-5)
+        for name in fed.stepper.state:
+            np.testing.assert_allclose(fed.stepper.state[name], stepped.stepper.state[name], atol=1e-5)
+    prefills = sum(n for f, n in fed.graph_calls.items() if f.startswith("prefill_"))
+    # the 13- and 15-token turns (< min_prompt_tokens 16): stepped; PROMPT (85): 32 + 32 + 21; 77: 32 + 32, 13 stepped
+    assert prefills == 3 + 2
+    assert not any(f.startswith("prefill_") for f in stepped.graph_calls)
+
+
+def test_a_prefill_past_the_pointer_bound_feeds_nothing(export_dir):
+    model = runtime.load(export_dir)
+    s = Stream(model, pointer=model.pointer_max - 20)
+    with pytest.raises(ContextFullError):
+        s.feed(PROMPT)  # 85 tokens from 21 below the bound
+    assert s.tokens_seen == 0 and s.stepper.pointer == model.pointer_max - 20 and not s.graph_calls
+    s.feed(PROMPT[:21])  # exactly fits: prefilled, the last token at pointer_max
+    assert s.stepper.pointer == model.pointer_max + 1 and s.graph_calls == {"prefill_32.onnx": 1}
 
 
 def test_long_stream_keeps_memory_flat(export_dir):
