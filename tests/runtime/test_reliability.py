@@ -21,7 +21,7 @@ import runtime
 from runtime import ContextFullError, ManifestError, StateFileError, Stream
 from runtime.atomic import TEMP_MARK, write_atomic
 from runtime.chat import Chat
-from runtime.manifest import seal
+from runtime.manifest import manifest_text
 
 from .state_files import forge
 
@@ -191,7 +191,7 @@ def copy_export(export_dir, tmp_path) -> Path:
 def rewrite(folder: Path, change, reseal: bool = True) -> None:
     data = json.loads((folder / "lmn.json").read_text(encoding="utf-8"))
     change(data)
-    (folder / "lmn.json").write_text(json.dumps(seal(data) if reseal else data, ensure_ascii=False), encoding="utf-8")
+    (folder / "lmn.json").write_text(manifest_text(data) if reseal else json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def test_one_changed_byte_in_the_manifest_is_refused(export_dir, tmp_path):
