@@ -560,7 +560,7 @@ export class Stream {
     const fail = (why) => {
       throw new LmnError(`not a usable state file for this model: ${why}; nothing was loaded`);
     };
-    bytes = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+    bytes = new Uint8Array(bytes); // a copy: a Node Buffer's slice() would share (and view) its whole pool
     if (bytes.length < 44 || new TextDecoder().decode(bytes.subarray(0, 8)) !== STATE_MAGIC) fail("no LMNSTATE header");
     const body = bytes.subarray(0, bytes.length - 32);
     const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", body.slice()));
@@ -597,7 +597,7 @@ export class Stream {
     if (offset !== body.length || Object.keys(state).length !== m.stateTensors.size) fail("array sizes do not add up");
     if (!Number.isInteger(header.tokens_seen) || header.tokens_seen < 0 || (logits === null) !== (header.tokens_seen === 0))
       fail(`tokens_seen ${header.tokens_seen} does not fit its logits`);
-    if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail("pointer out of range");
+    if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail(`pointer out of range (past lmn.json pointer.max ${m.pointerMax})`);
     const pending = (header.pending_bytes ?? "").match(/../g)?.map((h) => parseInt(h, 16)) ?? [];
     let decoder;
     try {
