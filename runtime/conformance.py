@@ -1,16 +1,38 @@
 """Conformance vectors (`conformance.json` in an export folder): token streams with the outputs any
 runtime must reproduce, and the check that runs them through this runtime (`lmn-verify`).
 
-A case feeds `tokens` one by one (teacher-forced) to a stream that starts at `start_pointer`
-(decimal string; the initial state otherwise), or `prompt` at once first (where a runtime may use
-a prefill graph) and then `tokens`; then each of `chunks` (if any) at once, in the middle of the
-stream (where a runtime may prefill from the stream's state). After each token or chunk (a step)
-it reads the logits: their argmax (the lowest
-id among equal maxima) must agree with `argmax` on at least `min_argmax_agreement` of the steps,
-and at the steps listed in `logits` every value must be within `logits_atol`. A `greedy` case then
-generates `greedy.ids` by argmax; a different id is allowed only where the expected top-2 margin
-(`greedy.margins`) is within 2 x logits_atol (a tie a conforming runtime may break either way).
-Tolerances are per precision (`tolerances`), so a third-party runtime can run the same file.
+Running a case. Load the export at the case's `precision` (its step, step_levels and prefill
+graphs as lmn.json says). Start a stream at `start_pointer` (decimal string) with the initial
+state. If the case has `prompt`, feed all its ids in one call (a runtime may use a prefill graph,
+as for a user's prompt) and read the logits once; then feed `tokens` one id per call, reading the
+logits (V,) after each; then, if the case has `chunks`, feed each chunk's ids in one call (in the
+middle of the stream: a runtime may prefill from the stream's state) and read the logits after
+each. Step s is the s-th read (the prompt, when there is one, is step 0). A
+case with `greedy` then repeats len(greedy.ids) times: choose the argmax of the current logits,
+record it and the top-2 margin of those logits, feed it, and decode it with the stream's text
+decoder (which still holds the bytes of an incomplete character fed before, lmn.json
+`vocabulary.decoder`), appending the characters it completes. A case with `decode` runs no graph:
+its ids go one by one through a fresh stream's text decoder, as generated tokens.
+
+Judging a case, with `tolerances[precision]` (a runtime's own outputs, never another case's):
+- argmax: at each step the lowest id among the equal maxima of the logits; the share of steps where
+  it equals `argmax[s]` must be >= min_argmax_agreement, and the number of steps must be len(argmax);
+- logits: at each step s listed in `logits`, max_i |logits[i] - expected[i]| (in float64) must be
+  <= logits_atol; a missing, wrongly sized or non-finite (NaN, inf) logit on either side fails;
+- greedy: the ids must equal `greedy.ids`, except that at the first difference the case still passes
+  when the expected margin there is <= 2 x logits_atol (a near tie a conforming runtime may break
+  either way: generation stops being comparable there); when every id matches, the decoded text
+  must equal `greedy.text` exactly;
+- decode: the decoded text must equal `text` exactly;
+- batch_with: streams (start_pointer, tokens: as many as the case's) that a runtime which batches
+  runs with the case's stream as rows of one call, where every graph used has lmn.json `batch_rows`
+  "independent", else each stream alone. The case's stream is judged as above, and its logits at the
+  `logits` steps must equal the logits the same runtime gives for that stream run alone within
+  batch_atol (batch_gap): a runtime that batches a "coupled" graph fails here. A runtime that never
+  batches has batch_gap 0.
+Tolerances: fp32 2e-4 (the export gates every graph at 1e-4 from PyTorch) and 99%; quantized graphs
+1.0 and 95% (their int8 activation kernels round differently per implementation); batch_atol 1e-5
+(a row run alone and in a batch by the same kernels gives the same numbers).
 """
 
 from __future__ import annotations
@@ -39,6 +61,8 @@ class Observed:
     logits: dict[int, np.ndarray]  # step -> (V,) at the steps the case checks
     greedy: list[int] = field(default_factory=list)
     greedy_margins: list[float] = field(default_factory=list)  # top-2 logit margin where each greedy id was chosen
+    text: str = ""  # what the stream's decoder yielded for the greedy ids (or a decode case's ids)
+    batch_gap: float = 0.0  # max |batched - alone| logit of the case's stream: 0 here, this runtime never batches
 
 
 def argmax(logits: np.ndarray) -> int:
@@ -51,11 +75,14 @@ def margin(logits: np.ndarray) -> float:
 
 
 def run_case(model, case: dict, check_steps: list[int], greedy: int = 0) -> Observed:
-    """Run one case through a fresh runtime.Stream of `model` (an ExportedModel)."""
+    """Run one case through a fresh runtime.Stream of `model` (an ExportedModel), one stream per call."""
     from .stream import Stream
 
-    stream = Stream(model, pointer=int(case["start_pointer"]))
+    stream = Stream(model, pointer=int(case.get("start_pointer", "0")))
     observed = Observed([], {})
+    if "decode" in case:  # the text decoder alone: ids as generated tokens
+        observed.text = "".join(stream.decoder.decode(i) for i in case["decode"]["ids"])
+        return observed
     wanted = set(check_steps)
     # the prompt at once (the runtime picks prefill or steps, as for a user's prompt), one token per step,
     # then each chunk at once from the stream's state
@@ -66,10 +93,9 @@ def run_case(model, case: dict, check_steps: list[int], greedy: int = 0) -> Obse
         if step in wanted:
             observed.logits[step] = np.array(stream.logits, dtype=np.float32)
     for _ in range(greedy):
-        token = argmax(stream.logits)
-        observed.greedy.append(token)
+        observed.greedy.append(argmax(stream.logits))
         observed.greedy_margins.append(margin(stream.logits))
-        stream.feed_ids([token])
+        observed.text += "".join(stream.generate(1, temperature=0))  # feeds the argmax, decodes it
     return observed
 
 
@@ -88,7 +114,11 @@ class CaseResult:
 
 
 def judge(case: dict, tolerance: dict, observed: Observed) -> CaseResult:
-    """Compare a case's observed outputs with its expected ones under the precision's tolerance."""
+    """Compare a case's observed outputs with its expected ones under the precision's tolerance (`about`)."""
+    if "decode" in case:
+        passed = observed.text == case["decode"]["text"]
+        return CaseResult(case["name"], case["precision"], passed, 1.0, 0.0, True,
+                          "" if passed else f"decoded {observed.text!r}, expected {case['decode']['text']!r}")
     want = case["argmax"]
     agreement = sum(a == b for a, b in zip(observed.argmax, want)) / len(want) if want else 1.0
     gap = 0.0
@@ -106,10 +136,16 @@ def judge(case: dict, tolerance: dict, observed: Observed) -> CaseResult:
             greedy_ok = case["greedy"]["margins"][i] <= 2 * atol
             detail = f"greedy token {i}: {got_id} vs {want_id} (expected margin {case['greedy']['margins'][i]:.3g})"
             break
+    else:
+        if "text" in case.get("greedy", {}) and observed.greedy == expected_greedy and observed.text != case["greedy"]["text"]:
+            greedy_ok, detail = False, f"greedy text {observed.text!r}, expected {case['greedy']['text']!r}"
     if len(observed.greedy) != len(expected_greedy):
         greedy_ok, detail = False, f"generated {len(observed.greedy)} greedy tokens, expected {len(expected_greedy)}"
+    batch_ok = observed.batch_gap <= tolerance.get("batch_atol", 0.0)  # NaN compares False: a failure
+    if not batch_ok:
+        detail = f"batched rows differ from the stream alone by {observed.batch_gap:.3g} (batch_rows)"
     passed = (gap is not None and gap <= atol and agreement >= tolerance["min_argmax_agreement"] and greedy_ok
-              and len(observed.argmax) == len(want))
+              and batch_ok and len(observed.argmax) == len(want))
     return CaseResult(case["name"], case["precision"], passed, agreement, gap, greedy_ok, detail)
 
 
@@ -141,7 +177,7 @@ def verify(directory: Path | str, backend: str = "onnxruntime", precisions: tupl
         if precision not in models:
             models[precision] = load(directory, threads=threads, backend=backend,
                                      precision=precision if backend == "onnxruntime" else "fp32")
-        checks = [int(s) for s in case["logits"]]
+        checks = [int(s) for s in case.get("logits", {})]
         observed = run_case(models[precision], case, checks, len(case.get("greedy", {}).get("ids", [])))
         results.append(judge(case, data["tolerances"][precision], observed))
     return results

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,40 @@ class ManifestError(Exception):
     """An export folder the runtime cannot trust; the message says what to do."""
 
 
-INTEGRITY_COVERS = ("lmn.json without its integrity field, as JSON with sorted keys, no spaces, UTF-8 (not \\u-escaped), "
-                    "every number as written in lmn.json")
+PLACEHOLDER = "0" * 64  # integrity.sha256 while the digest is computed
+INTEGRITY_COVERS = ("the bytes of lmn.json as written, with the 64 hex digits of integrity.sha256 (which occur exactly "
+                    "once in the file) replaced by 64 '0' characters; any other byte changed (a re-serialization "
+                    "included) is a modified manifest")
 
 
-def manifest_digest(data: dict[str, Any]) -> str:
-    """sha256 of a manifest's content: every field but `integrity`, serialized canonically."""
+def manifest_text(data: dict[str, Any]) -> str:
+    """lmn.json's text for `data`, sealed: integrity.sha256 is the sha256 of this text's UTF-8 bytes with
+    that digest's 64 hex digits replaced by PLACEHOLDER (what an exporter writes)."""
     content = {k: v for k, v in data.items() if k != "integrity"}
-    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    text = json.dumps({**content, "integrity": {"sha256": PLACEHOLDER, "covers": INTEGRITY_COVERS}},
+                      indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if text.count(PLACEHOLDER) != 1:
+        raise ValueError("a manifest field other than integrity.sha256 holds 64 zeros; it cannot be sealed")
+    return text.replace(PLACEHOLDER, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
 def seal(data: dict[str, Any]) -> dict[str, Any]:
-    """The manifest with its integrity field set (what an exporter writes)."""
-    return {**{k: v for k, v in data.items() if k != "integrity"},
-            "integrity": {"sha256": manifest_digest(data), "covers": INTEGRITY_COVERS}}
+    """The manifest with its integrity field set, as `manifest_text` writes it."""
+    return json.loads(manifest_text(data))
+
+
+def integrity_error(raw: bytes, data: dict[str, Any]) -> str | None:
+    """Why the bytes `raw` of a manifest (parsed: `data`) fail their own integrity rule, or None."""
+    integrity = data.get("integrity")
+    if not isinstance(integrity, dict) or "sha256" not in integrity:
+        return "carries no integrity check (written by an older lmn-export); re-export the model"
+    digest = integrity["sha256"]
+    if not isinstance(digest, str) or not re.fullmatch("[0-9a-f]{64}", digest) or raw.count(digest.encode()) != 1:
+        return "has an integrity.sha256 that is not 64 lowercase hex digits found exactly once in the file; re-export the model"
+    if hashlib.sha256(raw.replace(digest.encode(), PLACEHOLDER.encode())).hexdigest() != digest:
+        return ("was modified after export (its bytes, re-serializations included, do not match its own sha256); "
+                "re-export the model, or restore the folder")
+    return None
 
 
 def file_digest(path: Path) -> str:
@@ -115,16 +135,9 @@ def precision_of(graph: dict[str, Any]) -> str:
 
 
 def check_integrity(path: Path, data: dict[str, Any]) -> None:
-    integrity = data.get("integrity")
-    if not isinstance(integrity, dict) or "sha256" not in integrity:
-        raise ManifestError(f"{path} carries no integrity check (written by an older lmn-export); re-export the model")
-    try:
-        digest = manifest_digest(data)
-    except ValueError:  # NaN or inf: never written by lmn-export
-        digest = None
-    if digest != integrity["sha256"]:
-        raise ManifestError(f"{path} was modified after export (its content does not match its own sha256); "
-                            "re-export the model, or restore the folder")
+    why = integrity_error(path.read_bytes(), data)
+    if why:
+        raise ManifestError(f"{path} {why}")
 
 
 def _fail(path: Path, what: str) -> None:

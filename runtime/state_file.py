@@ -20,10 +20,15 @@ from .atomic import write_atomic
 
 MAGIC = b"LMNSTATE"
 VERSION = 1
-LAYOUT = ("MAGIC (8 bytes) | header length (u32 little-endian) | header (JSON: version; model = lmn.json "
-          "source.sha256; backend_state = the step graph's state input names; tokens_seen; pending_bytes as hex; "
-          "arrays = [{name, dtype, shape}]) | the arrays' raw little-endian bytes in header order (each state input "
-          "of the step graph by name, then logits (vocab,) float32 once tokens_seen > 0) | sha256 of all before (32 bytes)")
+LAYOUT = ("MAGIC: the 8 ASCII bytes LMNSTATE | header length n: u32 little-endian | header: n bytes of UTF-8 JSON, "
+          "an object (any key order and spacing) with version 1, model (lmn.json source.sha256, or \"\" when the "
+          "manifest has no source), backend_state (the step graph's state input names, in its `state` order), "
+          "tokens_seen (integer >= 0), pending_bytes (lowercase hex of the 0 to 3 held bytes of an incomplete UTF-8 "
+          "character; optional, absent means none; always \"\" for a chars vocabulary), arrays ([{name, dtype, "
+          "shape}]) | the arrays' raw little-endian bytes, C order, in header order, with no padding: each state "
+          "input of the step graph by name with its lmn.json shape and batch 1 (memory [1, ...], pointer [1]), then "
+          "logits float32 [vocab size] iff tokens_seen > 0 | sha256 of all the bytes before it (32 bytes). Nothing "
+          "else: any other array, a size that does not add up, a non-finite float or a negative integer is refused")
 
 
 class StateFileError(Exception):

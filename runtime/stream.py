@@ -57,7 +57,9 @@ class Stream:
         self.start_pointer = int(pointer)
         self.prefill_calls: Counter[str] = Counter()
         self.tokens_seen = 0
-        self.logits: np.ndarray | None = None  # after the last token fed or generated
+        # (V,) float32 scores for the next token: None until the first token is fed or generated, then the output
+        # of the last one (a prefill: its last position); a live view, replaced by each step: copy it to keep it
+        self.logits: np.ndarray | None = None
         self.decode_seconds = 0.0
         self.decoded_tokens = 0
         self.decoder = model.vocab.decoder()  # holds the start of a character split across tokens (bytes)
@@ -197,6 +199,9 @@ class Stream:
             if (value.dtype.kind == "f" and not np.isfinite(value).all()) or (value.dtype.kind == "i" and (value < 0).any()):
                 raise StateFileError(f"{path} holds {'non-finite' if value.dtype.kind == 'f' else 'negative'} "
                                      f"values in {name}; nothing was loaded")
+        if int(arrays[self.model.pointer_input][0]) > self.model.pointer_max:
+            raise StateFileError(f"{path} holds pointer {int(arrays[self.model.pointer_input][0])}, past this export's "
+                                 f"pointer.max {self.model.pointer_max}; nothing was loaded")
         if set(arrays) - set(current) - {"logits"}:
             raise StateFileError(f"{path} holds arrays this model has no use for: {sorted(set(arrays) - set(current))}")
         if (logits is None) != (tokens_seen == 0):

@@ -36,72 +36,27 @@ async function sha256Hex(bytes) {
   return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+const PLACEHOLDER = new TextEncoder().encode("0".repeat(64));
+
 /**
- * lmn.json's `integrity.covers` form: the manifest without `integrity`, keys sorted, no spaces,
- * UTF-8. Re-serialized from the file's text so that number lexemes stay as written (JSON.parse
- * would turn 2^63-ish integers and floats such as 1e-05 or 0.0 into other text).
+ * Why the bytes of lmn.json fail lmn.json `integrity` (null when they pass): its sha256 is over the
+ * bytes as written, with the digest's own 64 hex digits (found exactly once) replaced by 64 "0".
  */
-export function canonicalManifest(text) {
-  let i = 0;
-  const fail = () => {
-    throw new LmnError(`${MANIFEST} is not valid JSON near character ${i}; re-export the model`);
-  };
-  const space = () => {
-    while (i < text.length && " \t\n\r".includes(text[i])) i++;
-  };
-  const stringToken = /"(?:[^"\\\u0000-\u001f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"/y;
-  const literal = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null/y;
-  const string = () => {
-    stringToken.lastIndex = i;
-    const m = stringToken.exec(text) ?? fail();
-    i = stringToken.lastIndex;
-    return JSON.parse(m[0]);
-  };
-  const value = (top) => {
-    space();
-    if (text[i] === "{") {
-      i++;
-      const entries = [];
-      space();
-      if (text[i] === "}") i++;
-      else
-        for (;;) {
-          space();
-          const key = string();
-          space();
-          if (text[i++] !== ":") fail();
-          entries.push([key, value(false)]);
-          space();
-          if (text[i] === ",") { i++; continue; }
-          if (text[i++] !== "}") fail();
-          break;
-        }
-      const kept = top ? entries.filter(([k]) => k !== "integrity") : entries;
-      kept.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)); // keys are ASCII: code units order = code points
-      return "{" + kept.map(([k, v]) => JSON.stringify(k) + ":" + v).join(",") + "}";
-    }
-    if (text[i] === "[") {
-      i++;
-      const items = [];
-      space();
-      if (text[i] === "]") i++;
-      else
-        for (;;) {
-          items.push(value(false));
-          space();
-          if (text[i] === ",") { i++; continue; }
-          if (text[i++] !== "]") fail();
-          break;
-        }
-      return "[" + items.join(",") + "]";
-    }
-    if (text[i] === '"') return JSON.stringify(string()); // escapes as Python's json.dumps(ensure_ascii=False)
-    literal.lastIndex = i;
-    const m = literal.exec(text) ?? fail();
-    i = literal.lastIndex;
-    return m[0];
-  };
-  return value(true);
+export async function integrityError(bytes, manifest) {
+  const digest = manifest.integrity?.sha256;
+  if (typeof digest !== "string") return "carries no integrity check (written by an older lmn-export); re-export the model";
+  const needle = new TextEncoder().encode(digest);
+  const at = [];
+  for (let i = 0; i + needle.length <= bytes.length && at.length < 2; i++)
+    if (needle.every((b, k) => bytes[i + k] === b)) at.push(i);
+  if (!/^[0-9a-f]{64}$/.test(digest) || at.length !== 1)
+    return "has an integrity.sha256 that is not 64 lowercase hex digits found exactly once in the file; re-export the model";
+  const blanked = Uint8Array.from(bytes);
+  blanked.set(PLACEHOLDER, at[0]);
+  if ((await sha256Hex(blanked)) !== digest)
+    return "was modified after export (its bytes, re-serializations included, do not match its own sha256); " +
+      "re-export the model, or restore the folder";
+  return null;
 }
 
 // ---- the manifest --------------------------------------------------------------------------
@@ -226,20 +181,16 @@ class ByteDecoder {
 
 /** lmn.json, read and checked: format 2, the fields this client uses, and (`verify`) its own sha256. */
 export async function readManifest(fetchFile, { verify = true } = {}) {
-  const text = new TextDecoder().decode(await fetchFile(MANIFEST));
+  const bytes = await fetchFile(MANIFEST);
   let manifest;
   try {
-    manifest = JSON.parse(text);
+    manifest = JSON.parse(new TextDecoder().decode(bytes));
   } catch (e) {
     throw new LmnError(`${MANIFEST} is not valid JSON (${e.message}); re-export the model`);
   }
   checkManifest(manifest);
-  if (verify) {
-    const digest = await sha256Hex(new TextEncoder().encode(canonicalManifest(text)));
-    if (digest !== manifest.integrity?.sha256)
-      throw new LmnError(`${MANIFEST} was modified after export (its content does not match its own sha256); ` +
-        "re-export the model, or restore the folder");
-  }
+  const why = verify ? await integrityError(bytes, manifest) : null;
+  if (why) throw new LmnError(`${MANIFEST} ${why}`);
   return manifest;
 }
 
@@ -358,6 +309,56 @@ export class Model {
   stream(options) {
     return new Stream(this, options);
   }
+
+  /** The graph every stream's next step takes (lmn.json fast_paths `rows: all`: the same levels for all, else step). */
+  graphForAll(streams) {
+    const graphs = new Set(streams.map((s) => this.graphFor(s.pointer)));
+    return graphs.size === 1 ? [...graphs][0] : this.stepGraph;
+  }
+
+  /** Whether every step graph of this precision may take several streams in one call (lmn.json `batch_rows`). */
+  get batchable() {
+    return [this.stepGraph, ...this.fastGraphs.values()].every((g) => g.batch_rows === "independent");
+  }
+
+  /**
+   * Step several streams in one call, stacked on the batch axis (one id each); returns their logits.
+   * Refused for a graph whose lmn.json `batch_rows` is "coupled": its rows would change each other.
+   */
+  async stepBatch(streams, ids) {
+    this.checkIds(ids);
+    streams.forEach((s) => s.checkRoom(1));
+    const graph = this.graphForAll(streams);
+    if (graph.batch_rows !== "independent")
+      throw new LmnError(`${graph.file} has batch_rows ${graph.batch_rows} in ${MANIFEST}: its rows change each ` +
+        "other's outputs, so step each stream alone");
+    const token = roleOf(graph.inputs, "token");
+    const B = streams.length;
+    const feeds = { [token.name]: new this.ort.Tensor(token.dtype,
+      ARRAYS[token.dtype].from(ids, (id) => (token.dtype === "int64" ? BigInt(id) : id)), [B]) };
+    for (const pair of graph.state) { // (B, ...) from each stream's (1, ...)
+      const parts = streams.map((s) => s.state[pair.tensor]);
+      const data = new ARRAYS[parts[0].type](parts.reduce((n, t) => n + t.data.length, 0));
+      parts.forEach((t, b) => data.set(t.data, b * t.data.length));
+      feeds[pair.input] = new this.ort.Tensor(parts[0].type, data, [B, ...parts[0].dims.slice(1)]);
+    }
+    const out = await (await this.session(graph)).run(feeds);
+    const logits = out[roleOf(graph.outputs, "logits").name].data; // (B, V)
+    streams.forEach((s, b) => {
+      const state = {};
+      for (const pair of graph.state) {
+        const t = out[pair.output];
+        const size = t.data.length / B;
+        state[pair.tensor] = new this.ort.Tensor(t.type, t.data.slice(b * size, (b + 1) * size), [1, ...t.dims.slice(1)]);
+      }
+      s.state = state;
+      s.logits = logits.slice(b * this.vocab.size, (b + 1) * this.vocab.size);
+      s.tokensSeen += 1;
+      s.decoder.skip([ids[b]]);
+      s.count(graph.file);
+    });
+    return streams.map((s) => s.logits);
+  }
 }
 
 // ---- sampling ------------------------------------------------------------------------------
@@ -396,7 +397,9 @@ export class Stream {
     this.model = model;
     this.startPointer = p;
     this.state = model.initialState(p);
-    this.logits = null; // Float32Array (V) after the last token fed or generated
+    // Float32Array (V): scores for the next token. null until the first token is fed or generated, then the
+    // output of the last one (a prefill: its last position); a new array after each step, never shared
+    this.logits = null;
     this.tokensSeen = 0;
     this.decoder = model.vocab.decoder();
     this.calls = {}; // graph file -> calls: which graph did the work
@@ -436,7 +439,10 @@ export class Stream {
       const used = await this.prefill(ids);
       ids = ids.slice(used);
     }
-    for (const id of ids) await this.step(id);
+    for (const id of ids) {
+      await this.step(id);
+      this.decoder.skip([id]); // a fed character's leading bytes wait in the decoder for the next generate
+    }
   }
 
   async feed(text) {
@@ -559,7 +565,7 @@ export class Stream {
     const fail = (why) => {
       throw new LmnError(`not a usable state file for this model: ${why}; nothing was loaded`);
     };
-    bytes = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+    bytes = new Uint8Array(bytes); // a copy: a Node Buffer's slice() would share (and view) its whole pool
     if (bytes.length < 44 || new TextDecoder().decode(bytes.subarray(0, 8)) !== STATE_MAGIC) fail("no LMNSTATE header");
     const body = bytes.subarray(0, bytes.length - 32);
     const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", body.slice()));
@@ -596,7 +602,7 @@ export class Stream {
     if (offset !== body.length || Object.keys(state).length !== m.stateTensors.size) fail("array sizes do not add up");
     if (!Number.isInteger(header.tokens_seen) || header.tokens_seen < 0 || (logits === null) !== (header.tokens_seen === 0))
       fail(`tokens_seen ${header.tokens_seen} does not fit its logits`);
-    if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail("pointer out of range");
+    if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail(`pointer out of range (past lmn.json pointer.max ${m.pointerMax})`);
     const pending = (header.pending_bytes ?? "").match(/../g)?.map((h) => parseInt(h, 16)) ?? [];
     let decoder;
     try {
@@ -622,11 +628,15 @@ export function margin(logits) {
   return a - b;
 }
 
-/** Run one case of conformance.json through a fresh stream (its `about` says how). */
-export async function runCase(model, kase) {
-  const stream = model.stream({ pointer: BigInt(kase.start_pointer) });
+/** Run one case of conformance.json through fresh streams (its `about` says how); batches `batch_with` when allowed. */
+export async function runCase(model, kase, { batch = true } = {}) {
+  const stream = model.stream({ pointer: BigInt(kase.start_pointer ?? "0") });
+  const observed = { argmax: [], logits: new Map(), greedy: [], margins: [], text: "", batch_gap: 0 };
+  if (kase.decode) { // the text decoder alone: ids as generated tokens
+    for (const id of kase.decode.ids) observed.text += stream.decoder.decode(id);
+    return observed;
+  }
   const wanted = new Set(Object.keys(kase.logits).map(Number));
-  const observed = { argmax: [], logits: new Map(), greedy: [], margins: [] };
   const record = () => {
     const step = observed.argmax.length;
     observed.argmax.push(argmax(stream.logits));
@@ -636,8 +646,11 @@ export async function runCase(model, kase) {
     await stream.feedIds(kase.prompt); // a prefill graph where the runtime chooses one, as for a user's prompt
     record();
   }
-  for (const token of kase.tokens) {
-    await stream.feedIds([token]);
+  const others = batch && kase.batch_with?.length && model.batchable
+    ? kase.batch_with.map((o) => model.stream({ pointer: BigInt(o.start_pointer) })) : [];
+  for (const [k, token] of kase.tokens.entries()) {
+    if (others.length) await model.stepBatch([stream, ...others], [token, ...kase.batch_with.map((o) => o.tokens[k])]);
+    else await stream.feedIds([token]);
     record();
   }
   for (const chunk of kase.chunks ?? []) {
@@ -648,7 +661,13 @@ export async function runCase(model, kase) {
     const id = argmax(stream.logits);
     observed.greedy.push(id);
     observed.margins.push(margin(stream.logits));
-    await stream.feedIds([id]);
+    for await (const chars of stream.generate(1, { temperature: 0 })) observed.text += chars; // feeds the argmax
+  }
+  if (others.length) { // the same stream alone: batching must not change it (batch_atol)
+    const alone = await runCase(model, kase, { batch: false });
+    for (const [step, got] of observed.logits)
+      for (let i = 0; i < got.length; i++)
+        observed.batch_gap = Math.max(observed.batch_gap, Math.abs(got[i] - alone.logits.get(step)[i]));
   }
   observed.calls = stream.calls;
   return observed;
@@ -656,6 +675,11 @@ export async function runCase(model, kase) {
 
 /** conformance.json's judging rules (runtime/conformance.py `judge`): one result per case. */
 export function judge(kase, tolerance, observed) {
+  if (kase.decode) {
+    const passed = observed.text === kase.decode.text;
+    return { name: kase.name, precision: kase.precision, passed, argmax_agreement: 1, max_logit_gap: 0, greedy_ok: true,
+             detail: passed ? "" : `decoded ${JSON.stringify(observed.text)}, expected ${JSON.stringify(kase.decode.text)}` };
+  }
   const want = kase.argmax;
   const same = observed.argmax.slice(0, want.length).filter((a, k) => a === want[k]).length;
   const agreement = want.length ? same / want.length : 1;
@@ -679,12 +703,19 @@ export function judge(kase, tolerance, observed) {
       break;
     }
   }
+  const sameIds = observed.greedy.length === expectedGreedy.length && observed.greedy.every((id, k) => id === expectedGreedy[k]);
+  if (sameIds && kase.greedy?.text !== undefined && observed.text !== kase.greedy.text) {
+    greedyOk = false;
+    detail = `greedy text ${JSON.stringify(observed.text)}, expected ${JSON.stringify(kase.greedy.text)}`;
+  }
   if (observed.greedy.length !== expectedGreedy.length) {
     greedyOk = false;
     detail = `generated ${observed.greedy.length} greedy tokens, expected ${expectedGreedy.length}`;
   }
-  const passed = gap !== null && gap <= atol && agreement >= tolerance.min_argmax_agreement && greedyOk &&
+  const batchOk = observed.batch_gap <= (tolerance.batch_atol ?? 0); // NaN compares false: a failure
+  if (!batchOk) detail = `batched rows differ from the stream alone by ${observed.batch_gap.toPrecision(3)} (batch_rows)`;
+  const passed = gap !== null && gap <= atol && agreement >= tolerance.min_argmax_agreement && greedyOk && batchOk &&
     observed.argmax.length === want.length;
   return { name: kase.name, precision: kase.precision, passed, argmax_agreement: agreement, max_logit_gap: gap,
-           greedy_ok: greedyOk, detail };
+           greedy_ok: greedyOk, batch_gap: observed.batch_gap, detail };
 }

@@ -15,9 +15,11 @@ import threading
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runtime
+from runtime.conformance import verify as run_conformance
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR, WEB_DIR = ROOT / "examples" / "node", ROOT / "examples" / "web"
@@ -78,14 +80,15 @@ def test_wasm_kernels_pass_the_shipped_conformance_vectors():
     needs(WEB_DIR, "onnxruntime-web")
     done = verify(shipped_export(), "--ort", "web")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "16 of 16 cases passed" in done.stdout and "onnxruntime-web" in done.stdout
+    count = len(json.loads((SHIPPED / "conformance.json").read_text(encoding="utf-8"))["cases"])
+    assert f"{count} of {count} cases passed" in done.stdout and "onnxruntime-web" in done.stdout
 
 
 def test_node_client_passes_a_fresh_export(export_dir):
     done = verify(export_dir)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert sum(line.startswith("ok ") for line in lines) == 4 and lines[-1].startswith("4 of 4 cases passed"), done.stdout
+    assert sum(line.startswith("ok ") for line in lines) == 5 and lines[-1].startswith("5 of 5 cases passed"), done.stdout
 
 
 @pytest.mark.parametrize("tamper", ["logit", "greedy id"])
@@ -168,6 +171,192 @@ def test_node_client_guards_and_state_files_match_the_python_runtime(export_dir,
     resumed.load(state)
     assert resumed.tokens_seen == len(prompt)
     assert "".join(resumed.generate(40, temperature=0)) == out["greedy"]
+
+
+# ---- the contract from a second language: every precision, batched and single; bytes; integrity; state files ----
+
+
+@pytest.fixture(scope="session")
+def quantized_export(tmp_path_factory):
+    """A tiny character export with every ONNX precision (fp32, int8, int4, dynamic-int8)."""
+    return make_tiny_export(tmp_path_factory.mktemp("q"), "chars", ("int8", "int4", "dynamic-int8"))
+
+
+@pytest.fixture(scope="session")
+def byte_export(tmp_path_factory):
+    """A tiny byte-vocabulary export (random weights: its greedy bytes are rarely valid UTF-8)."""
+    return make_tiny_export(tmp_path_factory.mktemp("b"), "bytes", ())
+
+
+def make_tiny_export(root: Path, kind: str, quantize: tuple) -> Path:
+    import torch
+
+    from lmn_export.export import ExportOptions, export
+    from lmn_export.parity_text import SAMPLE
+    from models import LMN, LMNConfig
+    from models.checkpoint import save
+    from models.data import ByteVocab, CharVocab
+
+    vocab = CharVocab.from_text(SAMPLE) if kind == "chars" else ByteVocab()
+    torch.manual_seed(0)
+    save(root / "ckpt", LMN(LMNConfig(vocab_size=len(vocab), n_embd=16, n_head=2, n_layer=2, n_bank=2, max_levels=8)).eval(),
+         vocab)
+    result = export(root / "ckpt", root / kind, ExportOptions(prefill_sizes=(32,), parity_tokens=40, quantize=quantize))
+    assert result.passed
+    return result.directory
+
+
+def test_every_precision_conforms_batched_and_single_in_both_languages(quantized_export):
+    """Every case at every precision passes in Python (one stream per call) and in Node, which batches the
+    `batch_with` case where every graph's batch_rows is "independent" and steps dynamic-int8's streams alone."""
+    results = run_conformance(quantized_export)
+    assert results and all(r.passed for r in results), [r for r in results if not r.passed]
+    done = verify(quantized_export, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)["cases"]
+    batched = {c["precision"]: c for c in report if c["name"] == "batched-with-another-stream"}
+    assert set(batched) == {"fp32", "int8", "int4", "dynamic-int8"}
+    assert all(c["passed"] and c["batch_gap"] == 0 for c in batched.values()), batched  # rows bit-identical alone and batched
+    manifest = json.loads((quantized_export / "lmn.json").read_text(encoding="utf-8"))
+    rows = {g["precision"]: g["batch_rows"] for g in manifest["graphs"] if g["name"] != "prefill"}
+    assert rows == {"fp32": "independent", "int8": "independent", "int4": "independent", "dynamic-int8": "coupled"}
+
+
+BATCH_ANYWAY = """
+import { readFile } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { loadModel, runCase, judge } from "./lmn.mjs";
+const [dir, precision, obey] = process.argv.slice(1);
+const fetchFile = async (name) => new Uint8Array(await readFile(dir + "/" + name));
+const cases = JSON.parse(await readFile(dir + "/conformance.json", "utf8"));
+const model = await loadModel({ ort, fetchFile, precision });
+let refused = null;
+try { await model.stepBatch([model.stream(), model.stream()], [1, 2]); } catch (e) { refused = e.message; }
+if (obey === "no") for (const g of model.manifest.graphs) g.batch_rows = "independent";  // a client ignoring the flag
+const kase = cases.cases.find((c) => c.precision === precision && c.batch_with);
+console.log(JSON.stringify({ refused, ...judge(kase, cases.tolerances[precision], await runCase(model, kase)) }));
+"""
+
+
+@pytest.mark.parametrize("precision, obey, passes", [("dynamic-int8", "yes", True), ("dynamic-int8", "no", False),
+                                                     ("fp32", "no", True)])
+def test_a_client_that_batches_a_coupled_graph_fails_its_case(quantized_export, precision, obey, passes):
+    """Negative control for batch_rows: batching dynamic-int8 streams anyway moves a row's logits by ~0.01 on
+    this tiny export (0.3 to 1.24 on the shipped one), far past batch_atol 1e-5; fp32 batched stays exact."""
+    done = node_script(BATCH_ANYWAY, str(quantized_export), precision, obey)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["passed"] is passes, out
+    if precision == "dynamic-int8":
+        assert "batch_rows coupled" in out["refused"] and "step each stream alone" in out["refused"], out
+        assert passes or (out["batch_gap"] > 1e-3 and "(batch_rows)" in out["detail"]), out
+    else:
+        assert out["refused"] is None and out["batch_gap"] == 0, out
+
+
+BREAK_DECODER = """
+import { readFile } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { loadModel, runCase, judge } from "./lmn.mjs";
+const [dir, how] = process.argv.slice(1);
+const fetchFile = async (name) => new Uint8Array(await readFile(dir + "/" + name));
+const cases = JSON.parse(await readFile(dir + "/conformance.json", "utf8"));
+const model = await loadModel({ ort, fetchFile });
+const decoder = model.vocab.decoder.bind(model.vocab);
+if (how === "drop-pending") model.vocab.decoder = () => { const d = decoder(); d.skip = () => {}; return d; };
+if (how === "per-byte") model.vocab.decoder = () => {  // one U+FFFD per byte of a broken sequence
+  const held = [];
+  return { pending: [], skip() {}, decode(id) {
+    held.push(id);
+    const text = new TextDecoder("utf-8", { fatal: false }).decode(Uint8Array.from(held), { stream: true });
+    if (text === "") return "";
+    const whole = new TextDecoder("utf-8", { fatal: true });
+    try { const ok = whole.decode(Uint8Array.from(held)); held.length = 0; return ok; }
+    catch { const n = held.length; held.length = 0; return "\\ufffd".repeat(n); }
+  } };
+};
+const out = {};
+for (const kase of cases.cases.filter((c) => c.precision === "fp32")) out[kase.name] = judge(kase, cases.tolerances.fp32, await runCase(model, kase)).passed;
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.parametrize("how, fails", [("as-written", None), ("drop-pending", "fed-partial-character-then-greedy"),
+                                        ("per-byte", "utf-8-replacement")])
+def test_byte_vocabulary_text_rules_are_caught_by_conformance(byte_export, how, fails):
+    """A byte export's cases pass in Node as written; a client that drops the bytes of a character cut by a
+    feed, or replaces each byte of a broken sequence instead of each maximal subpart, fails its case."""
+    assert all(r.passed for r in run_conformance(byte_export))
+    done = node_script(BREAK_DECODER, str(byte_export), how)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {"fed-partial-character-then-greedy", "utf-8-replacement"} <= set(out)
+    failed = {name for name, passed in out.items() if not passed}
+    assert (fails in failed) if fails else not failed, out
+    assert how != "drop-pending" or failed == {fails}, out  # the decoder itself is right: only the carried bytes differ
+
+
+READ_MANIFEST = """
+import { readFile, writeFile } from "node:fs/promises";
+import { readManifest } from "./lmn.mjs";
+const [dir, rewrite] = process.argv.slice(1);
+const fetchFile = async (name) => new Uint8Array(await readFile(dir + "/" + name));
+if (rewrite === "stringify") await writeFile(dir + "/lmn.json", JSON.stringify(JSON.parse(await readFile(dir + "/lmn.json", "utf8")), null, 1));
+try { await readManifest(fetchFile); console.log("loaded"); } catch (e) { console.log(e.message); }
+"""
+
+
+def test_a_manifest_re_serialized_by_json_stringify_is_refused_with_the_documented_reason(export_dir, tmp_path):
+    """integrity covers lmn.json's bytes as written: the file as exported loads in both languages (positive
+    control); the same values re-serialized by JSON.stringify are a modified manifest in both."""
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    assert node_script(READ_MANIFEST, str(folder), "none").stdout.strip() == "loaded"
+    runtime.load(folder)
+    done = node_script(READ_MANIFEST, str(folder), "stringify")
+    assert "lmn.json was modified after export (its bytes, re-serializations included" in done.stdout, done.stdout + done.stderr
+    with pytest.raises(runtime.ManifestError, match=r"modified after export \(its bytes, re-serializations included"):
+        runtime.load(folder)
+
+
+ROUND_TRIP = """
+import { readFile, writeFile } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { loadModel } from "./lmn.mjs";
+const [dir, inFile, outFile] = process.argv.slice(1);
+const model = await loadModel({ ort, fetchFile: async (name) => new Uint8Array(await readFile(dir + "/" + name)) });
+const stream = model.stream();
+try { await stream.loadState(await readFile(inFile)); } catch (e) { console.log(JSON.stringify({ refused: e.message })); process.exit(0); }
+const pending = stream.decoder.pending;
+await stream.feedIds([0x41]);
+await writeFile(outFile, await stream.saveState());
+console.log(JSON.stringify({ pending, tokens: stream.tokensSeen }));
+"""
+
+
+def test_a_state_saved_mid_character_round_trips_python_node_python(byte_export, tmp_path):
+    """Python saves a byte stream holding the first byte of é; Node loads it (pending bytes kept), feeds one
+    more byte and saves; Python loads that and matches its own stream fed the same. A state whose pointer
+    is past pointer.max is refused by both, naming the rule."""
+    model = runtime.load(byte_export)
+    stream = runtime.Stream(model)
+    stream.feed_ids(list(b"To be \xc3"))
+    stream.save(tmp_path / "py.state")
+    done = node_script(ROUND_TRIP, str(byte_export), str(tmp_path / "py.state"), str(tmp_path / "js.state"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"pending": [0xC3], "tokens": 8}
+    back = runtime.Stream(model)
+    back.load(tmp_path / "js.state")
+    stream.feed_ids([0x41])
+    assert back.tokens_seen == 8 and back.decoder.pending == stream.decoder.pending == b""
+    np.testing.assert_allclose(back.logits, stream.logits, atol=1e-5)  # two runtimes' fp32 kernels: the 2e-4 contract bound, tighter
+    far = runtime.Stream(model, pointer=model.pointer_max)
+    far.stepper.set_state({model.pointer_input: np.array([model.pointer_max + 1])})
+    far.save(tmp_path / "far.state")
+    with pytest.raises(runtime.StateFileError, match="past this export's pointer.max"):
+        runtime.Stream(model).load(tmp_path / "far.state")
+    done = node_script(ROUND_TRIP, str(byte_export), str(tmp_path / "far.state"), str(tmp_path / "x.state"))
+    assert "pointer out of range" in json.loads(done.stdout)["refused"], done.stdout
 
 
 # ---- the web page in headless Chromium ----

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import runtime
-from runtime.manifest import ManifestError, check_fields, check_schema, seal
+from runtime.manifest import ManifestError, check_fields, check_schema, manifest_text
 from runtime.schema_check import SCHEMA_PATH, SchemaViolation, check, load_schema
 from runtime.verify import main as verify_main
 
@@ -25,7 +25,7 @@ def rewrite(folder, change) -> None:
     """Change an export's lmn.json and re-seal it (what a careless hand edit with a fixed digest does)."""
     data = json.loads((folder / "lmn.json").read_text(encoding="utf-8"))
     change(data)
-    (folder / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    (folder / "lmn.json").write_text(manifest_text(data), encoding="utf-8")
 
 
 @pytest.fixture

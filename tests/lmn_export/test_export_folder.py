@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from lmn_export.cli import main
 from lmn_export.export import ExportOptions, export
 from lmn_export.onnx_export import ExportError
-from runtime.manifest import FORMAT_VERSION, ManifestError, file_digest, precision_of, read_manifest, seal
+from runtime.manifest import FORMAT_VERSION, ManifestError, file_digest, precision_of, read_manifest, manifest_text
 
 from .conftest import TINY
 
@@ -87,7 +87,7 @@ def _reseal(directory, change) -> None:
     """Edit a copied export's manifest and seal it again, as an exporter would."""
     data = json.loads((directory / "lmn.json").read_text())
     change(data)
-    (directory / "lmn.json").write_text(json.dumps(seal(data)))
+    (directory / "lmn.json").write_text(manifest_text(data))
 
 
 def test_runtime_picks_graphs_by_manifest_fields_not_file_names(full_export, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 import runtime
 from runtime import ByteVocab, ManifestError, StateFileError, Stream, UnknownCharacterError
-from runtime.manifest import seal
+from runtime.manifest import manifest_text
 
 from .state_files import forge
 
@@ -223,7 +223,7 @@ def test_bad_byte_manifests_are_refused(byte_export, tmp_path, change, message):
     shutil.copytree(byte_export, copy)
     data = json.loads((copy / "lmn.json").read_text(encoding="utf-8"))
     change(data)
-    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    (copy / "lmn.json").write_text(manifest_text(data), encoding="utf-8")
     with pytest.raises(ManifestError, match=message):
         runtime.load(copy)
 
@@ -236,7 +236,7 @@ def test_a_character_vocabulary_marked_bytes_is_refused(tmp_path):
     model = runtime.load(copy)
     assert model.vocab.kind == "chars" and model.vocab.chars == data["vocabulary"]["tokens"]  # control
     data["vocabulary"]["kind"] = "bytes"
-    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    (copy / "lmn.json").write_text(manifest_text(data), encoding="utf-8")
     with pytest.raises(ManifestError, match="lists no tokens"):
         runtime.load(copy)
 
