@@ -165,6 +165,8 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
     train = {k: v for k, v in train.items() if f"train_{k}" not in given}
     return dataclasses.replace(s, **quick, warmup=10, prompts=(64, 512), quality_chars=4096,
                                speed=dataclasses.replace(s.speed, presets=presets, tokens=100, rounds=2),
+                               prefill=dataclasses.replace(s.prefill, history=600, turn=512, lengths=(1, 8, 32),
+                                                           presets=(), reps=2),
                                train=dataclasses.replace(s.train, **train, rounds=2))
 
 

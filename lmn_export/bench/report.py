@@ -25,6 +25,8 @@ def print_report(r: dict) -> None:
         click.echo("\ntime to first token (ms, median of 3):")
         for row in r["ttft"]:
             click.echo(f"  {row['variant']:<14} {row['prompt_tokens']:>5} tokens: {row['ms_median']:9.2f}")
+    if r.get("prefill"):
+        print_prefill(r["prefill"])
     if "lmn" in r:
         files = r["lmn"]["files"]
         click.echo("\nmodel files: " + ", ".join(f"{k} {v['bytes'] / 1024:.0f} KB" for k, v in files.items() if k.startswith("model.")))
@@ -35,6 +37,24 @@ def print_report(r: dict) -> None:
     if "train" in r:
         print_train(r)
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
+
+
+def print_prefill(rows: list[dict]) -> None:
+    """Prefill vs stepping per width: the break-even search, then the second turn against its goals."""
+    for row in rows:
+        even = row["break_even"]
+        click.echo(f"\nprefill vs stepping, {row['model']} (width {row['n_embd']}), chunks fed at pointer "
+                   f"{even['from_pointer']:,} (ms, median):")
+        for e in even["rows"]:
+            click.echo(f"  {e['tokens']:>5} tokens (prefill_{e['graph_size']}): prefill {e['prefill_ms']:8.2f}  "
+                       f"stepping {e['stepping_ms']:8.2f}  ratio {e['ratio']:.2f}")
+        click.echo(f"  break-even: {even['break_even_tokens'] or 'none in the lengths measured'} tokens")
+        turn = row["second_turn"]
+        click.echo(f"  a {turn['turn']:,}-token turn after {turn['history']:,} tokens (ms, median): "
+                   + ", ".join(f"{name} {ms:.1f}" for name, ms in turn["ms_median"].items()))
+        for name, goal in turn["goals"].items():
+            click.echo(f"  {name.replace('_', ' ')}: {turn[name]:.2f}x (goal <= {goal['goal']}x: "
+                       f"{'met' if goal['met'] else 'missed'})")
 
 
 def print_speed(r: dict) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .decode_speed import SpeedSettings
+from .prefill import PrefillSettings
 
 # Sections of a run, in the order they run: decode latency per context (LMN, GPT-2 KV caches, the
-# memory-free LMN), time to first token, decode speed per preset, held-out quality, training throughput.
-SECTIONS = ("decode", "ttft", "speed", "quality", "train")
+# memory-free LMN), time to first token, prefill vs stepping per width (break-even, second turn), decode
+# speed per preset, held-out quality, training throughput.
+SECTIONS = ("decode", "ttft", "prefill", "speed", "quality", "train")
 DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "train")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_CONTEXT = 1 << 62  # the LMN's pointer is an int64
@@ -40,6 +42,7 @@ class Settings:
     step_all: bool = False
     seed: int = 0
     speed: SpeedSettings = field(default_factory=SpeedSettings)
+    prefill: PrefillSettings = field(default_factory=PrefillSettings)
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     train: TrainSettings = field(default_factory=TrainSettings)
 

@@ -15,6 +15,7 @@ import runtime
 from .baselines import build_baselines
 from .decode import bench_gpt, bench_lmn, bench_ttft
 from .decode_speed import bench_decode_speed
+from .prefill import bench_prefill
 from .quality import GPT_CHECKPOINT, bench_quality, text_ids, trained_gpt_export
 from .settings import Settings, gpt_positions
 from .speed_goals import goal_results, speed_summary
@@ -73,6 +74,9 @@ def run_export_sections(lmn_dir: Path | None, s: Settings, result: dict, log) ->
             if "ttft" in sections:
                 log("time to first token")
                 result["ttft"] = bench_ttft(model, gpt_dir, gcfg, drive, s)
+    if "prefill" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["prefill"] = bench_prefill(model.directory, drive, s.prefill, s.threads, Path(tmp), log)
     if "speed" in sections and s.speed.presets:
         with tempfile.TemporaryDirectory() as tmp:
             result["decode_speed"] = bench_decode_speed(model.directory, drive, dataclasses.replace(s.speed, threads=s.threads),
@@ -109,6 +113,13 @@ def summarize(r: dict) -> dict:
         out["speedup_vs_kv_inplace"] = inplace[common]["p50_us"] / lmn[common]["p50_us"]
         out["speedup_vs_kv_concat"] = concat[common]["p50_us"] / lmn[common]["p50_us"]
         out["state_ratio_vs_kv"] = inplace[common]["state_bytes"] / lmn[common]["state_bytes"]
+    if r.get("prefill"):
+        out["prefill"] = [{"model": row["model"], "n_embd": row["n_embd"],
+                           "break_even_tokens": row["break_even"]["break_even_tokens"],
+                           "second_vs_first": row["second_turn"]["second_vs_first"],
+                           "second_vs_stepping": row["second_turn"]["second_vs_stepping"],
+                           "goals_met": all(g["met"] for g in row["second_turn"]["goals"].values())}
+                          for row in r["prefill"]]
     if r.get("train"):
         out["train_ratio"] = train_ratios(r["train"])
     return out

@@ -25,6 +25,7 @@ from lmn_export.bench.decode_speed import (SpeedSettings, export_no_memory, fast
 from lmn_export.bench.floor import (MIN_READ_BYTES, ReadCheckError, bytes_per_token, floor_fields, initializer_bytes,
                                     read_bandwidth)
 from lmn_export.bench.report import finite_json, results_json
+from lmn_export.bench.prefill import PrefillSettings
 from lmn_export.bench.settings import SECTIONS, Settings, gpt_positions
 from lmn_export.bench.speed_goals import FIELDS, goal_results
 from lmn_export.bench.suite import run, summarize
@@ -83,7 +84,8 @@ def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
     # prompt 100 > context 64 + the 12 tokens stepped after it: the GPT-2 baseline must still hold it
     # (it was sized from the contexts alone, and `--contexts 1024` crashed in the time-to-first-token test)
     s = Settings(contexts=(64,), lmn_only_contexts=(256,), tokens=5, reps=2, warmup=2, prompts=(16, 100),
-                 quality_chars=200, speed=SpeedSettings(presets=()))
+                 quality_chars=200, speed=SpeedSettings(presets=()),
+                 prefill=PrefillSettings(history=50, turn=40, lengths=(1, 20), from_pointer=7, presets=(), reps=1))
     assert gpt_positions(s) == 101
     result = run(export_dir, s, log=lambda m: None)
     lmn = [r for r in result["decode"] if r["model"] == "lmn"]
@@ -94,6 +96,14 @@ def test_run_end_to_end_on_a_tiny_export(export_dir, tmp_path):
     assert result["memory_overhead_ratio"] > 0 and {r["variant"] for r in result["ttft"]} >= {"lmn prefill"}
     assert {(r["variant"], r["prompt_tokens"]) for r in result["ttft"]} == {
         (v, n) for v in ("lmn prefill", "lmn stepping", "gpt2 stepping") for n in (16, 100)}
+    [prefill] = result["prefill"]  # the export itself (no preset asked for): break-even and second turn
+    assert [row["tokens"] for row in prefill["break_even"]["rows"]] == [1, 20]
+    assert all(row["graph_size"] == 32 and row["prefill_ms"] > 0 and row["stepping_ms"] > 0
+               for row in prefill["break_even"]["rows"])
+    turn = prefill["second_turn"]
+    assert set(turn["ms_median"]) == {"first turn, prefill", "second turn, prefill", "second turn, stepping"}
+    assert turn["second_vs_stepping"] == turn["ms_median"]["second turn, prefill"] / turn["ms_median"]["second turn, stepping"]
+    assert result["summary"]["prefill"][0]["n_embd"] == 16
     json.loads(results_json(result)[0])  # --json writes exactly this
 
 
@@ -198,8 +208,10 @@ def test_quick_cli_writes_the_results_a_user_reads(quick_run):
     assert "summary:" in result.output and f"wrote {out / 'bench.json'}" in result.output
     assert [p.name for p in out.iterdir() if TEMP_MARK in p.name] == []  # the atomic write left no temp file
     data = strict_json((out / "bench.json").read_text())
-    assert {"machine", "settings", "text", "lmn", "decode", "no_memory", "memory_overhead_ratio", "ttft",
+    assert {"machine", "settings", "text", "lmn", "decode", "no_memory", "memory_overhead_ratio", "ttft", "prefill",
             "decode_speed", "quality", "summary", "non_finite"} <= set(data)
+    assert [row["tokens"] for row in data["prefill"][0]["break_even"]["rows"]] == [1, 8, 32]  # --quick's lengths
+    assert "second turn" in result.output and "break-even" in result.output
     assert data["non_finite"] == []
     s = data["settings"]  # --quick's sizes, and its decode-speed section times this export (nothing re-exported)
     assert (s["contexts"], s["lmn_only_contexts"], s["tokens"], s["reps"], s["prompts"]) == \
@@ -428,7 +440,7 @@ def test_non_finite_numbers_are_written_as_null_and_listed():
 def test_sections_are_checked_names_in_run_order():
     param = {p.name: p for p in main.params}["sections"]
     assert parse_sections(None, param, "train, decode,train") == ("decode", "train")
-    assert param.default == "decode,ttft,speed,quality" and SECTIONS[-1] == "train"  # train: asked for, never by default
+    assert param.default == "decode,ttft,prefill,speed,quality" and SECTIONS[-1] == "train"  # train: asked for, never by default
     with pytest.raises(Exception, match="unknown 'decoding'"):
         parse_sections(None, param, "decoding")
 
