@@ -135,7 +135,7 @@ def _slot_layout(length: int, chunk: int, slots_per_block: int, max_levels: int,
         start = start + anchor  # a zero the exporter cannot fold: the mask is computed in the graph
     row = start + torch.arange(C, device=device).view(1, -1, 1)  # (P/C, C, 1)
     entry = torch.div(start, span, rounding_mode="floor") + local  # (P/C, 1, W): the entry a slot holds
-    valid = (torch.div(row, span, rounding_mode="floor") == entry) & (entry >= first)  # (P/C, C, W)
+    valid = torch.logical_and(torch.div(row, span, rounding_mode="floor") == entry, entry >= first)  # (P/C, C, W)
     repeated, offset = [], 0
     for i in repeated_levels if not from_state else ():  # from a state: per batch row (`WindowStart`)
         entry = torch.div(start.view(-1, 1), 2**i, rounding_mode="floor")  # (P/C, 1)
@@ -154,7 +154,28 @@ def block_entry(rem: torch.Tensor, offset, size: int, bound: int) -> torch.Tenso
     x = rem + offset
     if size >= bound:
         return (x >= size).long()
-    return torch.div(x, size, rounding_mode="floor")
+    return small_floor_div(x, size)
+
+
+def small_floor_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """floor(x / divisor) for int64 x in [0, 2^24): exact through float32, where the ONNX exporter and Core
+    ML divide; cast back to integers so that it can index (Core ML's floor division returns floats)."""
+    return torch.div(x, divisor, rounding_mode="floor").to(torch.int32).to(torch.int64)
+
+
+def clamp_index(index: torch.Tensor, most: int) -> torch.Tensor:
+    """An int64 index clamped to [0, most], in integers (Core ML converts `clamp` through float)."""
+    zeros = torch.zeros_like(index)
+    return torch.where(index < 0, zeros, torch.where(index > most, zeros + most, index))
+
+
+def holds_bias(holds: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, n) bool, whether an entry holds a block -> (B, n * slots) float: 0 for its slots, -inf for an empty one's.
+
+    Full-shape `where` operands and no repeat_interleave: both convert to Core ML as written."""
+    ones = holds.to(torch.float32)
+    bias = torch.where(holds, ones * 0, ones - float("inf"))  # (B, n)
+    return bias.unsqueeze(-1).expand(-1, -1, slots).flatten(1)
 
 
 class WindowStart(NamedTuple):
@@ -220,14 +241,14 @@ class LogMemory(nn.Module):
         level = h if start is None else torch.cat([nodes[:, :1], h], dim=1)  # level 0: (B, T, E) or entries (B, 1+T, E)
         levels = []
         for i in range(1, self.max_levels):
-            n = window_blocks(T, i, start is not None)
+            n = window_blocks(int(T), i, start is not None)
             if start is None:
                 pair = level[:, : 2 * n]  # nodes 2j, 2j+1 side by side: (B, 2n, E or K*E)
             else:
-                level = F.pad(level, (0, 0, 0, max(0, 1 + 2 * n - level.shape[1])))  # room for either pairing
+                level = F.pad(level, (0, 0, 0, max(0, 1 + 2 * n - int(level.shape[1]))))  # room for either pairing
                 shift = start.shift[:, i - 1].view(B, 1, 1)
                 pair = torch.where(shift, level[:, 1 : 1 + 2 * n], level[:, : 2 * n])  # (B, 2n, E or K*E)
-            level = self.summarize.pairs(pair.reshape(B, n, 2 * pair.shape[-1]), affine)  # (B, n, K*E)
+            level = self.summarize.pairs(pair.reshape(B, n, 2 * int(pair.shape[-1])), affine)  # (B, n, K*E)
             before = nodes[:, 1 + (i - 1) * K : 1 + i * K].flatten(1) if start is not None else level.new_zeros(B, K * E)
             level = torch.cat([before.unsqueeze(1), level], dim=1)  # (B, 1+n, K*E): entry 0 first
             levels.append(level.unflatten(-1, (K, E)))  # (B, 1+n, K, E)
@@ -245,40 +266,40 @@ class LogMemory(nn.Module):
         anchor: while tracing, a () int64 zero computed from a graph input: adding it keeps the
         exporter from folding the (P/C, C, W) mask into a float constant per layer (4 MB at T=4096).
         """
-        args = (length, self.chunk, self.n_bank * self.slots_per_node, self.max_levels, device)
+        args = (int(length), self.chunk, self.n_bank * self.slots_per_node, self.max_levels, device)  # int: a constant when traced
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return _slot_layout.__wrapped__(*args, anchor=anchor, from_state=from_state)
         return _slot_layout(*args, from_state=from_state)
 
     def window_start(self, pointer: torch.Tensor, length: int) -> WindowStart:
         """How a parallel pass of `length` tokens from a state at `pointer` (B,) aligns (see `WindowStart`)."""
-        B, T, C = pointer.shape[0], length, self.chunk
+        B, T, C = pointer.shape[0], int(length), self.chunk  # int: the layout is a constant when traced
         KX, device = self.n_bank * self.slots_per_node, pointer.device
         layout = self.slot_layout(T, device, from_state=True)
         P = layout.rows
         offset = torch.remainder(pointer, C).view(B, 1)  # (B, 1): rows of alignment before the first token
         token = torch.arange(P, device=device).view(1, P) - offset - 1  # (B, P): the token each row holds
-        rows = torch.where((token >= 0) & (token < T), token + 1, torch.zeros_like(token))
+        rows = torch.where(torch.logical_and(token >= 0, token < T), token + 1, torch.zeros_like(token))  # no bitwise ops: Core ML
         tokens = offset + 1 + torch.arange(T, device=device).view(1, T)  # (B, T)
         remainders = torch.remainder(pointer.unsqueeze(-1), self.block_sizes)  # (B, L-1): p mod 2^i
         shift = remainders < self.block_sizes // 2  # bit i-1 of p is 0: the level's first block starts in the window
         filled = pointer.unsqueeze(-1) >= self.block_sizes  # (B, L-1)
         biases = [torch.zeros(B, P, device=device)]  # level 0: every row holds a token or a zero row, seen by itself
-        ok = torch.zeros((), device=device)
         chunked = []
         for i in range(1, layout.chunked + 1):  # 2^i <= C: region row e is in-window group e, entry e - (offset // 2^i)
-            entry = torch.arange(P // 2**i, device=device).view(1, -1) - torch.div(offset, 2**i, rounding_mode="floor")
+            entry = torch.arange(P // 2**i, device=device).view(1, -1) - small_floor_div(offset, 2**i)
             chunked.append(entry)  # (B, P/2^i)
-            holds = (entry >= 1) & (entry <= window_blocks(T, i, True)) | (entry == 0) & filled[:, i - 1 : i]
-            biases.append(torch.where(holds, ok, -torch.inf).repeat_interleave(KX, dim=1))
+            block = torch.logical_and(entry >= 1, entry <= window_blocks(T, i, True))
+            holds = torch.logical_or(block, torch.logical_and(entry == 0, filled[:, i - 1 : i]))
+            biases.append(holds_bias(holds, KX))
         repeated, region = [], 0
         chunk_start = torch.arange(P // C, device=device).view(1, -1) * C  # (1, P/C)
         for i in range(layout.chunked + 1, layout.levels + 1):  # 2^i > C: one block per chunk
             n = window_blocks(T, i, True)
-            entry = block_entry(remainders[:, i - 1 : i] - offset, chunk_start, 2**i, P).clamp(max=n)  # (B, P/C)
+            entry = clamp_index(block_entry(remainders[:, i - 1 : i] - offset, chunk_start, 2**i, P), n)  # (B, P/C)
             repeated.append(region + entry.unsqueeze(-1) * KX + torch.arange(KX, device=device))  # (B, P/C, KX)
             holds = torch.cat([filled[:, i - 1 : i], torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
-            biases.append(torch.where(holds, ok, -torch.inf).repeat_interleave(KX, dim=1))  # (B, (1+n)*KX)
+            biases.append(holds_bias(holds, KX))  # (B, (1+n)*KX)
             region += (1 + n) * KX
         repeated = torch.cat(repeated, dim=-1).flatten(1) if repeated else None  # (B, P/C * levels * KX), by chunk
         return WindowStart(pointer, rows, tokens, shift, remainders, filled, chunked, repeated, torch.cat(biases, dim=1))
@@ -304,7 +325,7 @@ class LogMemory(nn.Module):
             return torch.cat(pieces, dim=1)
         pieces = [F.pad(h, (0, 0, 1, 1)).gather(1, start.rows.unsqueeze(-1).expand(B, P, E))]  # level 0: (B, P, E)
         for i, (nodes, entry) in enumerate(zip(levels, start.chunked), start=1):  # region row e: entry e - offset // 2^i
-            index = entry.clamp(0, nodes.shape[1] - 1).view(B, -1, 1, 1).expand(-1, -1, KX, E)
+            index = clamp_index(entry, int(nodes.shape[1]) - 1).view(B, -1, 1, 1).expand(-1, -1, KX, E)
             pieces.append(nodes.gather(1, index).flatten(1, 2))  # (B, P/2^i * KX, E)
         pieces += [nodes.flatten(1, 2) for nodes in levels[layout.chunked :]]  # repeated levels: all entries
         return torch.cat(pieces, dim=1)
@@ -314,10 +335,10 @@ class LogMemory(nn.Module):
         """Per-position vectors as rows by chunk: (B, T, H, D) -> (B, H, P/C, C, D), padding rows zeros,
         in one copy."""
         if start is None:  # row r = position r - 1
-            rows = F.pad(x.movedim(2, 1), (0, 0, 1, layout.rows - layout.length - 1))  # (B, H, P, D)
+            rows = F.pad(x.transpose(1, 2), (0, 0, 1, layout.rows - layout.length - 1))  # (B, H, P, D)
         else:
             B, _, H, D = x.shape
-            rows = F.pad(x, (0, 0, 0, 0, 1, 1)).gather(1, start.rows.view(B, -1, 1, 1).expand(-1, -1, H, D)).movedim(2, 1)
+            rows = F.pad(x, (0, 0, 0, 0, 1, 1)).gather(1, start.rows.view(B, -1, 1, 1).expand(-1, -1, H, D)).transpose(1, 2)
         return rows.unflatten(2, (-1, layout.chunk))
 
     @staticmethod
@@ -336,16 +357,16 @@ class LogMemory(nn.Module):
             slots.append(regions[-1].gather(1, index).unflatten(1, (chunks, -1)))
         elif layout.repeated is not None:
             slots.append(regions[-1].index_select(1, layout.repeated).unflatten(1, (chunks, -1)))
-        return torch.cat([s.movedim(3, 1) for s in slots], dim=3)  # (B, H, P/C, W, D)
+        return torch.cat([s.permute(0, 3, 1, 2, 4) for s in slots], dim=3)  # (B, H, P/C, W, D)
 
     @staticmethod
     def positions(chunked: torch.Tensor, layout: SlotLayout, start: WindowStart | None = None) -> torch.Tensor:
         """Back from rows by chunk to positions: (B, H, P/C, C, D) -> (B, T, H, D), padding rows dropped."""
         rows = chunked.flatten(2, 3)  # (B, H, P, D)
         if start is None:
-            return rows[:, :, 1 : layout.length + 1].movedim(1, -2)
+            return rows[:, :, 1 : layout.length + 1].transpose(1, 2)
         B, H, _, D = rows.shape
-        return rows.gather(2, start.tokens.view(B, 1, -1, 1).expand(-1, H, -1, D)).movedim(1, -2)
+        return rows.gather(2, start.tokens.view(B, 1, -1, 1).expand(-1, H, -1, D)).transpose(1, 2)
 
     def nodes_at(self, h: torch.Tensor, tree: list[torch.Tensor], position: torch.Tensor,
                  start: WindowStart | None = None) -> torch.Tensor:
@@ -359,7 +380,7 @@ class LogMemory(nn.Module):
         nodes = [h.gather(1, rows)]  # (B, 1, E)
         for i, level in enumerate(tree, start=1):
             remainder = start.remainders[:, i - 1] if start is not None else torch.zeros_like(position)
-            entry = block_entry(remainder, position + 1, 2**i, T + 1)  # (B,)
+            entry = block_entry(remainder, position + 1, 2**i, int(T) + 1)  # (B,)
             index = entry.view(B, 1, 1, 1).expand(B, 1, *level.shape[2:])
             nodes.append(level.gather(1, index).squeeze(1))  # (B, K, E)
         return torch.cat(nodes, dim=1)  # (B, S, E)
