@@ -61,17 +61,17 @@ def regular_file(path: Path | str, error: type[Exception], max_bytes: int | None
 
 def read_bytes(path: Path | str, error: type[Exception], max_bytes: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most `max_bytes` (checked before reading, and again while reading)."""
-    regular_file(path, error, max_bytes, what)
+    size = regular_file(path, error, max_bytes, what).st_size
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # swapped for a FIFO after stat: no hang
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise error(f"{path} changed into a special file while being opened; give a regular file")
-            data = f.read(max_bytes + 1)
+            data = f.read(size + 1)  # one byte more than stat said: a file growing past it is noticed below
     except OSError as e:
         raise error(f"cannot read {path} ({e.strerror or e}); give a {what} you can read") from None
-    if len(data) > max_bytes:
-        raise error(f"{path} grew past {max_bytes:,} bytes while being read; give a file that is not being written")
+    if len(data) > size:
+        raise error(f"{path} grew while being read; give a file that is not being written")
     return data
 
 
