@@ -51,7 +51,7 @@ def _human(n: int) -> str:
               help=f"Also write quantized graphs, comma-separated: {', '.join(QUANTIZE_CHOICES)} (int4/int8: "
                    "weight-only, ONNX and Core ML; dynamic-int8: ONNX only).")
 @click.option("--quant-block", type=int, default=DEFAULT_QUANT_BLOCK, show_default=True,
-              help="Weights per int4/int8 quantization block (a power of two >= 16).")
+              help="Weights per int4/int8 quantization block: 16, 32, 64, 128 or 256 (what onnxruntime runs).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
 @click.option("--stateful", is_flag=True, help="Also write an iOS 18 Core ML variant with fp16 StateType memory.")
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
@@ -61,7 +61,7 @@ def _human(n: int) -> str:
               help="LMN step graphs for tokens that re-summarize exactly 0..N-1 levels (0: none).")
 @click.option("--parity-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens streamed per parity check.")
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
-@click.option("--force", is_flag=True, help="Replace an --out folder that is not an lmn export.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out (one holding only the files its lmn.json lists).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def main(checkpoint, target, out, precision, quantize, quant_block, opset, stateful, atol, prefill, fast_paths,
          parity_tokens, text, force, as_json):

@@ -16,6 +16,7 @@ import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-e
 import torch
 
 from runtime.atomic import remove_stale_folders, staged_folder
+from runtime.reader import excerpt
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from . import contract, coreml_export, onnx_export
@@ -24,7 +25,7 @@ from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
-from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES, export_precision
+from .quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
 from .validate import (FP16_ATOL, FP32_ATOL, PREFILL_WARMUP, ParityReport, check_names, prefill_parity,
                        prefill_starts, start_pointers, stream_parity, stream_tokens)
 
@@ -93,7 +94,7 @@ def check_options(options: ExportOptions) -> None:
 
 
 def check_quantize(options: ExportOptions) -> None:
-    """--quantize: distinct names from QUANTIZE_CHOICES; --quant-block: a power of two >= 16."""
+    """--quantize: distinct names from QUANTIZE_CHOICES; --quant-block: one of QUANT_BLOCKS."""
     quantize = options.quantize
     if not isinstance(quantize, (tuple, list)) or not all(isinstance(q, str) for q in quantize):
         raise ExportError(f"--quantize takes names from {', '.join(QUANTIZE_CHOICES)} (a tuple in Python), got {quantize!r}")
@@ -105,8 +106,9 @@ def check_quantize(options: ExportOptions) -> None:
     if "dynamic-int8" in quantize and "onnx" not in options.targets:
         raise ExportError("--quantize dynamic-int8 applies to ONNX only; add --to onnx (Core ML takes int8 or int4)")
     block = options.quant_block
-    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
-        raise ExportError(f"--quant-block must be a power of two >= 16 (16, 32, 64, ...), got {block!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block not in QUANT_BLOCKS:
+        raise ExportError(f"--quant-block must be a power of two >= 16 and <= {QUANT_BLOCKS[-1]} "
+                          f"({', '.join(map(str, QUANT_BLOCKS))}: what onnxruntime runs), got {excerpt(block)}")
 
 
 def check_exportable(model, options: ExportOptions) -> None:

@@ -45,6 +45,7 @@ from .validate import PREFILL_WARMUP, START_POINTERS, OutputDiff, ParityReport
 
 QUANTIZE_CHOICES = ("int4", "int8", "dynamic-int8")
 DEFAULT_QUANT_BLOCK = 32
+QUANT_BLOCKS = (16, 32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits kernels run
 BITS = {"int4": 4, "int8": 8}
 FALLBACK = {4: 8, 8: None}  # where a weight goes when its precision fails the gate (None: stays fp32)
 METHOD = "rtn"

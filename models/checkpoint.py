@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from runtime import reader
 from runtime.atomic import TEMP_MARK, fsync_directory, write_atomic
 
 from . import build_model
@@ -55,6 +56,8 @@ COMMIT = ".checkpoint-commit"
 STAGING_PREFIX = f".checkpoint{TEMP_MARK}"
 DIGESTS = "sha256"  # config.json key: {file name: sha256 hex} of the files saved with it
 DEFAULT_CHECKPOINT = Path(__file__).parent / "default"
+MAX_CONFIG_BYTES = 16 << 20  # a config.json with a 65,536-character vocabulary is under 1 MB
+MAX_WEIGHTS_BYTES = 16 << 30  # far above any preset (the largest is tens of MB); refuses a sparse or endless file
 
 # Tests only: LMN_TEST_PAUSE_IN_CHECKPOINT=<phase> makes the writer announce the phase on stderr and
 # sleep there (once per process), so a test can kill it at that exact point. Phases: "staged" (new
@@ -231,15 +234,13 @@ def read_meta(directory: Path | str) -> dict[str, Any]:
     """The parsed config.json of a checkpoint folder (recovered first)."""
     recover(directory)
     path = Path(directory) / CONFIG
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG} is missing (train one with lmn-train)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["model"]
-        if not isinstance(meta.get(DIGESTS, {}), dict):
-            raise TypeError(f"{DIGESTS} is not a mapping")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e}); re-train or restore the checkpoint") from None
+    meta = reader.read_json(path, CheckpointError, MAX_CONFIG_BYTES, "re-train or restore the checkpoint",
+                            what="checkpoint config.json")
+    if not isinstance(meta, dict) or "model" not in meta or not isinstance(meta.get(DIGESTS, {}), dict):
+        raise CheckpointError(f"{path} is corrupt (no 'model', or '{DIGESTS}' is not a mapping); "
+                              "re-train or restore the checkpoint")
     return meta
 
 
@@ -257,9 +258,9 @@ def read_weights(directory: Path) -> tuple[dict[str, Any], bytes]:
     weights = directory / WEIGHTS
     for _ in range(2):
         meta = read_meta(directory)
-        if not weights.is_file():
+        if not weights.exists():
             raise CheckpointError(f"{directory} has no {WEIGHTS}; re-train or restore the checkpoint")
-        data = weights.read_bytes()
+        data = reader.read_bytes(weights, CheckpointError, MAX_WEIGHTS_BYTES, what="checkpoint model.safetensors")
         if matches_digest(meta, WEIGHTS, data):
             return meta, data
     raise CheckpointError(f"{weights} is corrupt (its sha256 differs from {CONFIG}'s); re-train or restore the checkpoint")
@@ -299,9 +300,9 @@ def load_optimizer_state(directory: Path | str, meta: dict[str, Any]) -> dict[st
         return None
     path = Path(directory) / OPTIMIZER
     advice = "restore the checkpoint folder, or start a fresh run in another --out"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} is missing but {CONFIG} records it; {advice}")
-    data = path.read_bytes()
+    data = reader.read_bytes(path, CheckpointError, 2 * MAX_WEIGHTS_BYTES, what="checkpoint optimizer.pt")
     if not matches_digest(meta, OPTIMIZER, data):
         raise CheckpointError(f"{path} is corrupt (its sha256 differs from {CONFIG}'s); {advice}")
     try:

@@ -9,15 +9,16 @@ it samples, so a corpus of any size trains in constant memory.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
+import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from runtime import reader
 
 
 class DataError(Exception):
@@ -34,20 +35,20 @@ META = "meta.json"
 TRAIN_BIN, VAL_BIN = "train.bin", "val.bin"
 
 
-def load_text(source: str, timeout: float = 30.0) -> str:
-    """The UTF-8 text of a local file or an http(s) URL."""
+MAX_TEXT_BYTES = 1 << 30  # a text is read whole; a larger corpus goes through lmn-prepare (streamed, memory-mapped)
+
+
+def load_text(source: str) -> str:
+    """The UTF-8 text of a local file or an http(s) URL (fetched by models.download, as lmn-prepare does)."""
+    advice = f"the text of --data is read whole; prepare a larger corpus with lmn-prepare {source} --out DIR"
     if source.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                raw = response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise DataError(f"cannot download {source}: {reason}; check the URL or pass a local file") from None
+        from .download import download  # models.download imports DataError from here: imported late, not at the top
+
+        with tempfile.TemporaryDirectory(prefix="lmn-download-") as folder:
+            download(source, Path(folder) / "text")
+            raw = reader.read_bytes(Path(folder) / "text", DataError, MAX_TEXT_BYTES, what=f"text ({advice})")
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"no such file: {source}; pass a UTF-8 text file or an http(s) URL")
-        raw = path.read_bytes()
+        raw = reader.read_bytes(source, DataError, MAX_TEXT_BYTES, what=f"UTF-8 text file ({advice})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -187,32 +188,59 @@ class Corpus:
         return windows[:, :-1], windows[:, 1:]
 
 
+MAX_META_BYTES = 16 << 20  # a meta.json with a 65,536-character vocabulary is under 1 MB
+CHECK_CHUNK = 1 << 20  # token ids checked at a time
+
+
 def read_prepared(directory: Path) -> tuple[Vocab, dict[str, Any], np.ndarray, np.ndarray]:
-    """(vocab, meta, train, val) of a folder `lmn-prepare` wrote; the splits memory-mapped read-only."""
+    """(vocab, meta, train, val) of a folder `lmn-prepare` wrote; the splits memory-mapped read-only,
+    checked against meta.json first (size, sha256, every id inside the vocabulary)."""
     path = directory / META
     advice = f"prepare it again with lmn-prepare SOURCE --out {directory} --force"
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{directory} is not a prepared corpus ({META} is missing); make one with lmn-prepare")
+    meta = reader.read_json(path, DataError, MAX_META_BYTES, advice, what="prepared corpus meta.json")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != PREPARED_FORMAT:
             raise ValueError("not an lmn-prepare meta.json")
         if meta.get("format_version") != PREPARED_VERSION:
-            raise ValueError(f"format version {meta.get('format_version')!r}, this lmn reads {PREPARED_VERSION}")
+            raise ValueError(f"format version {reader.excerpt(meta.get('format_version'))}, this lmn reads {PREPARED_VERSION}")
         vocab = vocab_from_fields(meta)
         dtype = np.dtype(meta["dtype"])
         if dtype != token_dtype(len(vocab)):
             raise ValueError(f"dtype {dtype} does not fit {vocab.describe()}")
         counts = {name: meta["tokens"][split] for name, split in ((TRAIN_BIN, "train"), (VAL_BIN, "val"))}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, DataError) as e:
-        raise DataError(f"{path} is unusable ({e}); {advice}") from None
+        digests = {name: meta["sha256"][name] for name in counts}
+    except (KeyError, TypeError, ValueError, DataError) as e:
+        raise DataError(f"{path} is unusable ({reader.excerpt(str(e))}); {advice}") from None
     splits = []
     for name, count in counts.items():
         file = directory / name
-        if not isinstance(count, int) or count < 1 or not file.is_file() or file.stat().st_size != count * dtype.itemsize:
-            raise DataError(f"{file} is missing or not the {count!r} tokens {META} records; {advice}")
+        if type(count) is not int or count < 1:
+            raise DataError(f"{path} records {reader.excerpt(count)} tokens for {name}, not a count; {advice}")
+        info = reader.regular_file(file, DataError, what=f"{name} (token ids)")
+        if info.st_size != count * dtype.itemsize:
+            raise DataError(f"{file} is missing or not the {count:,} tokens {META} records; {advice}")
+        check_split(file, dtype.newbyteorder("<"), len(vocab), digests[name], advice)
         splits.append(np.memmap(file, dtype=dtype, mode="r", shape=(count,)))
     return vocab, meta, splits[0], splits[1]
+
+
+def check_split(file: Path, dtype: np.dtype, vocab_size: int, sha256: str, advice: str) -> None:
+    """One streamed pass over a split (read, not mapped: memory stays flat): its sha256 is the one
+    meta.json records and every id is < vocab_size."""
+    digest, position = hashlib.sha256(), 0
+    with open(file, "rb") as f:
+        while chunk := f.read(CHECK_CHUNK * dtype.itemsize):
+            digest.update(chunk)
+            ids = np.frombuffer(chunk, dtype=dtype)  # (<= CHECK_CHUNK,)
+            if int(ids.max()) >= vocab_size:
+                where = position + int(np.argmax(ids >= vocab_size))
+                raise DataError(f"{file} holds token id {int(ids.max())} at position {where:,}, outside the "
+                                f"{vocab_size}-token vocabulary of its meta.json; {advice}")
+            position += len(ids)
+    if digest.hexdigest() != sha256:
+        raise DataError(f"{file} does not match its sha256 in meta.json (modified or corrupt); {advice}")
 
 
 @dataclass

@@ -15,14 +15,10 @@ UTF-8, so a corpus that is not would teach it sequences that only decode to U+FF
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import json
-import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,20 +26,28 @@ from typing import Any
 import click
 import numpy as np
 
+from runtime import reader
 from runtime.atomic import remove_stale_folders, staged_folder, write_atomic
+from runtime.reader import excerpt
 
 from .data import (META, PREPARED_FORMAT, PREPARED_VERSION, TRAIN_BIN, VAL_BIN, VAL_FRACTION, VOCAB_KINDS, ByteVocab,
                    CharVocab, DataError, split_point, token_dtype, vocab_fields)
+from .download import download, is_url, progress
 from .train import OneLineErrors, Stopped, stop_on_sigterm
 
 CHUNK = 1 << 20  # bytes read at a time: memory stays near a few chunks whatever the corpus size
-PROGRESS_MIN_BYTES = 32 << 20  # smaller inputs take well under a second: no progress bar
 CODE_POINTS = 0x110000
 DOWNLOAD = "download.part"  # a URL's bytes, inside the staging folder (removed before publishing)
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an --out whose replacement could lose something lmn-prepare did not make."""
+PREPARED_FILES = (META, TRAIN_BIN, VAL_BIN)  # all lmn-prepare writes: the only files --force may replace
+MAX_META_BYTES = 16 << 20
+
+
+def check_out(out: Path, force: bool, source: str) -> None:
+    """Refuse an --out whose replacement could lose something lmn-prepare did not make: a folder
+    that holds any file but the ones an earlier lmn-prepare wrote (with a meta.json saying so), or
+    the source itself."""
     resolved = out.resolve()
     if resolved in {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve(), *Path.cwd().resolve().parents}:
         raise DataError(f"--out {out} is the current, home, root or a parent folder; give a new folder")
@@ -51,40 +55,23 @@ def check_out(out: Path, force: bool) -> None:
         raise DataError(f"--out {out} is a symlink; give the folder it points to, or another --out")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder for the prepared corpus")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            prepared = json.loads((out / META).read_text(encoding="utf-8")).get("format") == PREPARED_FORMAT
-        except (OSError, ValueError, AttributeError):
-            prepared = False
-        if not prepared:
-            raise DataError(f"--out {out} holds files that are not a prepared corpus; choose another --out")
-        if not force:
-            raise DataError(f"--out {out} already holds a prepared corpus; pass --force to replace it")
-
-
-@contextlib.contextmanager
-def progress(length: int, label: str, show: bool) -> Iterator[Any]:
-    """A progress bar over `length` bytes, on stderr for inputs of PROGRESS_MIN_BYTES or more (when `show`)."""
-    visible = show and length >= PROGRESS_MIN_BYTES
-    with open(os.devnull, "w") as devnull, click.progressbar(
-            length=max(length, 1), label=label, file=sys.stderr if visible else devnull) as bar:
-        yield bar
-
-
-def download(url: str, path: Path, show: bool) -> None:
-    """Stream an http(s) URL to `path`."""
+    if not is_url(source) and Path(source).resolve().is_relative_to(resolved):
+        raise DataError(f"the source {source} lies inside --out {out}, which lmn-prepare replaces; "
+                        "move it out or choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(path, "wb") as f:
-            length = int(response.headers.get("Content-Length") or 0)
-            with progress(length, f"downloading {url}", show) as bar:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        if isinstance(e, OSError) and e.filename is not None:
-            raise
-        reason = getattr(e, "reason", e)
-        raise DataError(f"cannot download {url}: {reason}; check the URL or pass a local file") from None
+        prepared = reader.read_json(out / META, DataError, MAX_META_BYTES, "").get("format") == PREPARED_FORMAT
+    except (DataError, AttributeError):
+        prepared = False
+    if not prepared:
+        raise DataError(f"--out {out} holds files that are not a prepared corpus; choose another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES)
+    if others:
+        raise DataError(f"--out {out} holds files lmn-prepare did not write ({excerpt(', '.join(others))}); "
+                        "move them out or choose another --out (--force replaces only a prepared corpus)")
+    if not force:
+        raise DataError(f"--out {out} already holds a prepared corpus; pass --force to replace it")
 
 
 def utf8_chunks(path: Path, source: str, label: str, show: bool) -> Iterator[tuple[bytes, str]]:
@@ -161,10 +148,10 @@ def prepare(source: str, out: Path | str, vocab_kind: str = "chars", force: bool
         raise DataError(f"--vocab must be one of {VOCAB_KINDS}, got {vocab_kind!r}")
     if out.parent.is_dir():
         remove_stale_folders(out)  # a killed prepare's leftovers first: a corpus it had set aside is back
-    check_out(out, force)
-    url = source.startswith(("http://", "https://"))
-    if not url and not Path(source).is_file():
-        raise DataError(f"no such file: {source}; pass a UTF-8 text file or an http(s) URL")
+    url = is_url(source)
+    if not url:
+        reader.regular_file(source, DataError, what="UTF-8 text file or an http(s) URL")
+    check_out(out, force, source)
     with staged_folder(out) as work:
         path = work / DOWNLOAD if url else Path(source)
         if url:

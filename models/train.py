@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from runtime.atomic import write_atomic
+from runtime.reader import excerpt
 
 from . import build_model, count_parameters
-from .checkpoint import CONFIG, OPTIMIZER, CheckpointError, load, load_optimizer_state, recover, save
+from .checkpoint import CONFIG, OPTIMIZER, CheckpointError, load, load_optimizer_state, read_meta, recover, save
 from .config import PRESETS, ConfigError, GPTConfig, preset
 from .data import VOCAB_KINDS, Corpus, DataError, TrainingData, open_training_data
 from .devices import Distributed, autocast, check_precision, grad_scaler, resolve_device
@@ -64,15 +65,15 @@ class Bound:
     def problem(self, value: Any) -> str | None:
         """Why `value` is refused, or None when it is accepted."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number (got {value!r})"
+            return f"must be a number (got {excerpt(value)})"
         if self.kind is int and not isinstance(value, int):
-            return f"must be a whole number (got {value!r})"
+            return f"must be a whole number (got {excerpt(value)})"
         if not math.isfinite(value):
             return f"must be a finite number (got {value!r})"
         if value < self.low or (self.strict and value == self.low):
             return f"must be {'>' if self.strict else '>='} {self.low:g} (got {value!r})"
         if value > self.high:
-            return f"must be <= {self.high} (got {value!r})"
+            return f"must be <= {self.high:,} (got {excerpt(value)})"
         return None
 
 
@@ -95,14 +96,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # The one validator for training settings: TrainSettings (API) and the click options (CLI) both use it.
+# Upper bounds: far above any real run, low enough that step counters, token counts and tensor sizes
+# stay exact int64 arithmetic (no overflow deep inside torch).
 BOUNDS = {
-    "steps": Bound(int, 1), "batch": Bound(int, 1), "block": Bound(int, 1),
+    "steps": Bound(int, 1, high=10**9), "batch": Bound(int, 1, high=2**16), "block": Bound(int, 1, high=2**20),
     "lr": Bound(float, 0, strict=True), "weight_decay": Bound(float, 0), "grad_clip": Bound(float, 0),
-    "eval_interval": Bound(int, 1), "eval_batches": Bound(int, 1), "seed": Bound(int, 0, high=2**64 - 1),
-    "grad_accum": Bound(int, 1), "device": OneOf(DEVICES), "precision": OneOf(PRECISIONS),
-    "compile": OneOf((False, True), kind=bool),
+    "eval_interval": Bound(int, 1, high=10**9), "eval_batches": Bound(int, 1, high=10**6),
+    "seed": Bound(int, 0, high=2**64 - 1), "grad_accum": Bound(int, 1, high=2**16), "device": OneOf(DEVICES),
+    "precision": OneOf(PRECISIONS), "compile": OneOf((False, True), kind=bool),
 }
-THREADS = Bound(int, 1)
+THREADS = Bound(int, 1, high=1024)
+DEFAULT_PRESET = "logmem-32"
 
 
 @dataclass
@@ -145,8 +149,8 @@ class Bounded(click.ParamType):
         if isinstance(value, str):
             try:
                 parsed = self.bound.kind(value)
-            except ValueError:
-                self.fail(f"{value!r} is not a {'whole ' if self.bound.kind is int else ''}number", param, ctx)
+            except ValueError:  # int() of over 4,300 digits included
+                self.fail(f"{excerpt(value)} is not a {'whole ' if self.bound.kind is int else ''}number", param, ctx)
         problem = self.bound.problem(parsed)
         if problem:
             self.fail(problem, param, ctx)
@@ -285,13 +289,17 @@ def diverged(step: int, settings: TrainSettings, saved: int) -> str:
 def train(
     data: TrainingData,
     out: Path,
-    preset_name: str,
+    preset_name: str | None,
     settings: TrainSettings,
     resume: bool = False,
     progress: bool = True,
     dist: Distributed | None = None,
 ) -> dict[str, float]:
-    """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses."""
+    """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses.
+
+    `preset_name` None: DEFAULT_PRESET, or a resumed checkpoint's own (another one is refused). A resumed
+    checkpoint already at `settings.steps` or past it trains nothing and returns the losses it recorded.
+    """
     dist = dist or Distributed()
     device = placement(settings, dist.local_rank)
     out = Path(out)
@@ -299,13 +307,20 @@ def train(
     if resume:
         model, vocab, meta = load(out)
         model.train()
-        preset_name = meta["training"].get("preset", preset_name)
+        saved = meta["training"].get("preset")
+        if preset_name is not None and saved is not None and preset_name != saved:
+            raise ConfigError(f"--resume: the checkpoint in {out} is a {saved} model, not --preset {preset_name}; "
+                              f"drop --preset (or pass --preset {saved}), or train {preset_name} in another --out")
+        preset_name = saved or preset_name or DEFAULT_PRESET
     else:
+        preset_name = preset_name or DEFAULT_PRESET
         vocab = data.vocab
         cfg = preset(preset_name, vocab_size=len(vocab))
         torch.manual_seed(settings.seed)
         model = build_model(cfg)
     done = int(meta["training"].get("step", 0))
+    if resume and done >= settings.steps:  # nothing to train: the checkpoint's own losses, never NaN
+        return recorded_losses(meta)
     if isinstance(model.config, GPTConfig) and settings.block > model.config.block_size:
         raise ConfigError(f"--block {settings.block} exceeds the GPT position table ({model.config.block_size} rows)")
     corpus = data.corpus(vocab)  # a resumed checkpoint's vocabulary must match the data's
@@ -415,6 +430,11 @@ def train(
     return losses
 
 
+def recorded_losses(meta: dict[str, Any]) -> dict[str, float | None]:
+    """The train and val losses a checkpoint recorded (None where it recorded none)."""
+    return {split: meta["training"].get(f"{split}_loss") for split in ("train", "val")}
+
+
 def evaluate_checkpoint(data: TrainingData, out: Path, settings: TrainSettings) -> dict[str, float]:
     """Evaluate a saved checkpoint on `data` (same split and block) and record the result beside it."""
     model, vocab, meta = load(out)
@@ -473,7 +493,8 @@ def stop_on_sigterm() -> Iterator[None]:
 @click.option("--data", "source", required=True, help="UTF-8 text file, http(s) URL, or a folder from lmn-prepare.")
 @click.option("--vocab", "vocab_kind", type=click.Choice(VOCAB_KINDS), default=None,
               help="chars (a text's default) or bytes; default for a prepared folder or --resume: theirs.")
-@click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default="logmem-32", show_default=True)
+@click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default=None,
+              help=f"Model to train (default {DEFAULT_PRESET}; with --resume: the checkpoint's, and no other).")
 @click.option("--steps", type=Bounded(BOUNDS["steps"]), default=5000, show_default=True, help="Total optimizer steps.")
 @click.option("--batch", type=Bounded(BOUNDS["batch"]), default=16, show_default=True)
 @click.option("--block", type=Bounded(BOUNDS["block"]), default=512, show_default=True, help="Training context in characters.")
@@ -506,6 +527,7 @@ def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_in
                                  device=device, precision=precision, compile=compiled)
         dist = Distributed.from_env(placement(settings, Distributed.env_local_rank()))
         check_out(out, resume, evaluate_only)
+        done = int(read_meta(out)["training"].get("step", 0)) if resume else 0
         data = open_training_data(source, vocab_kind)
         prepare_out(out)
         with stop_on_sigterm():
@@ -522,10 +544,16 @@ def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_in
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
     if dist.main:
+        idle = resume and not evaluate_only and done >= steps
         if as_json:
-            click.echo(json.dumps({"out": str(out), **{f"{k}_loss": v for k, v in losses.items()}}))
+            click.echo(json.dumps({"out": str(out), **{f"{k}_loss": v for k, v in losses.items()},
+                                   **({"nothing_to_do": True, "steps_done": done} if idle else {})}, allow_nan=False))
         else:
-            click.echo(f"{out}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (nats/char)")
+            if idle:
+                click.echo(f"nothing to do: {out} is at step {done}, --steps is {steps}; pass a larger --steps to "
+                           "train on", err=True)
+            shown = {k: "none recorded" if v is None else f"{v:.4f}" for k, v in losses.items()}
+            click.echo(f"{out}: train loss {shown['train']}, val loss {shown['val']} (nats/char)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import click
 from .backends import BackendError
 from .manifest import ManifestError
 from .model import PRECISIONS, load
+from .reader import excerpt
 from .sampling import check_sampling
 from .state_file import StateFileError
 from .stream import ContextFullError, Stream, check_stop
@@ -63,14 +64,14 @@ class Chat:
                 try:
                     value = float(arg)
                 except ValueError:
-                    raise ValueError(f"/temp takes a number, got {arg!r}") from None
+                    raise ValueError(f"/temp takes a number, got {excerpt(arg)}") from None
                 check_sampling(value, self.top_k, self.top_p, self.seed)
                 self.temperature = value
                 self.say(f"[temperature {value:g}]")
             elif name == "/help":
                 self.say(HELP)
             else:
-                self.say(f"[unknown command {line!r}; /help lists them]")
+                self.say(f"[unknown command {excerpt(line)}; /help lists them]")
         except (StateFileError, OSError, ValueError) as e:
             self.say(f"[error: {e}]")
 

@@ -37,12 +37,15 @@ Tolerances: fp32 2e-4 (the export gates every graph at 1e-4 from PyTorch) and 99
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .manifest import read_json
+from .model import PRECISIONS
+from .reader import excerpt
 
 FILE = "conformance.json"
 FORMAT = "lmn-conformance"
@@ -149,20 +152,80 @@ def judge(case: dict, tolerance: dict, observed: Observed) -> CaseResult:
     return CaseResult(case["name"], case["precision"], passed, agreement, gap, greedy_ok, detail)
 
 
+MAX_BYTES = 64 << 20  # the shipped conformance.json is about 300 KB
+
+
 def read_cases(directory: Path) -> dict:
     path = Path(directory) / FILE
-    if not path.is_file():
+    if not path.exists():
         raise ConformanceError(f"{directory} has no {FILE} (exports before manifest format 2 lack it); re-export the model")
-    data = read_json(path, ConformanceError)
+    data = read_json(path, ConformanceError, MAX_BYTES)
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ConformanceError(f"{path} is not an {FORMAT} file of version {FORMAT_VERSION}; re-export the model")
+    problem = cases_problem(data)
+    if problem:
+        raise ConformanceError(f"{path} is malformed: {problem}; re-export the model")
     return data
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ids(value) -> bool:
+    return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+def cases_problem(data: dict) -> str | None:
+    """What makes a conformance file unusable (a tolerance that passes anything, a case without its
+    fields), or None. JSON numbers are finite already (runtime.reader)."""
+    tolerances = data.get("tolerances")
+    if not isinstance(tolerances, dict) or not isinstance(data.get("cases"), list):
+        return "it needs 'tolerances' (an object) and 'cases' (a list)"
+    for precision, tolerance in tolerances.items():
+        if not isinstance(tolerance, dict) or not (_number(tolerance.get("logits_atol")) and 0 <= tolerance["logits_atol"] <= 100):
+            return f"tolerances.{excerpt(precision)}.logits_atol must be a number in [0, 100]"
+        if not (_number(tolerance.get("min_argmax_agreement")) and 0 <= tolerance["min_argmax_agreement"] <= 1):
+            return f"tolerances.{excerpt(precision)}.min_argmax_agreement must be a number in [0, 1]"
+    for i, case in enumerate(data["cases"]):
+        where = f"case {i}"
+        if not isinstance(case, dict) or not isinstance(case.get("name"), str) or case.get("precision") not in tolerances \
+                or case["precision"] not in PRECISIONS:
+            return f"{where} needs a name and a precision ({', '.join(PRECISIONS)}) listed under 'tolerances'"
+        if "decode" in case:  # the text decoder alone
+            decode = case["decode"]
+            if not (isinstance(decode, dict) and _ids(decode.get("ids")) and isinstance(decode.get("text"), str)):
+                return f"{where} ({excerpt(case['name'])}) needs decode as {{ids, text}}"
+            continue
+        streams = [case] + (case["batch_with"] if isinstance(case.get("batch_with"), list) else [])
+        for stream in streams:
+            pointer = stream.get("start_pointer") if isinstance(stream, dict) else None
+            if not (isinstance(pointer, str) and pointer.isdigit() and len(pointer) <= 20):
+                return f"{where} ({excerpt(case['name'])}) needs start_pointer as a decimal string (batch_with too)"
+            if not _ids(stream.get("tokens")):
+                return f"{where} ({excerpt(case['name'])}) needs tokens as lists of token ids (batch_with too)"
+        if "batch_with" in case and not isinstance(case["batch_with"], list):
+            return f"{where} ({excerpt(case['name'])}) needs batch_with as a list of streams"
+        chunks = case.get("chunks", [])
+        if not (_ids(case.get("prompt", [])) and _ids(case.get("argmax"))
+                and isinstance(chunks, list) and all(_ids(c) and c for c in chunks)):
+            return f"{where} ({excerpt(case['name'])}) needs argmax (and prompt, chunks) as lists of token ids"
+        logits = case.get("logits")
+        if not isinstance(logits, dict) or not all(
+                k.isdigit() and isinstance(v, list) and all(map(_number, v)) for k, v in logits.items()):
+            return f"{where} ({excerpt(case['name'])}) needs logits as {{step: [numbers]}}"
+        greedy = case.get("greedy", {"ids": [], "margins": []})
+        if not (isinstance(greedy, dict) and _ids(greedy.get("ids")) and isinstance(greedy.get("margins"), list)
+                and len(greedy["margins"]) == len(greedy["ids"]) and all(map(_number, greedy["margins"]))):
+            return f"{where} ({excerpt(case['name'])}) needs greedy as {{ids, margins}} of one length"
+    return None
 
 
 def verify(directory: Path | str, backend: str = "onnxruntime", precisions: tuple[str, ...] | None = None,
            threads: int = 1) -> list[CaseResult]:
     """Run every case of the folder's conformance.json whose precision this backend has; one result per case."""
     from .model import load
+    from .stream import ContextFullError
 
     directory = Path(directory)
     data = read_cases(directory)
@@ -178,6 +241,10 @@ def verify(directory: Path | str, backend: str = "onnxruntime", precisions: tupl
             models[precision] = load(directory, threads=threads, backend=backend,
                                      precision=precision if backend == "onnxruntime" else "fp32")
         checks = [int(s) for s in case.get("logits", {})]
-        observed = run_case(models[precision], case, checks, len(case.get("greedy", {}).get("ids", [])))
+        try:
+            observed = run_case(models[precision], case, checks, len(case.get("greedy", {}).get("ids", [])))
+        except (ValueError, ContextFullError) as e:  # ids outside the vocabulary, a pointer outside the graphs
+            raise ConformanceError(f"{directory / FILE}: case {excerpt(case['name'])} cannot run here ({e}); "
+                                   "re-export the model") from None
         results.append(judge(case, data["tolerances"][precision], observed))
     return results

@@ -21,15 +21,18 @@ import functools
 import hashlib
 import json
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import reader
 from .schema_check import SchemaViolation, check, load_schema
 
 FORMAT = "lmn-export"
 FORMAT_VERSION = 3
 MANIFEST = "lmn.json"
+MAX_MANIFEST_BYTES = 16 << 20  # the shipped lmn.json is under 100 KB; a 65,536-character vocabulary adds 256 KB
 
 
 class ManifestError(Exception):
@@ -78,10 +81,17 @@ def file_digest(path: Path) -> str:
     if path.is_dir():
         for item in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(item.relative_to(path).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(item.read_bytes()).digest())
-    else:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+            digest.update(_hash_file(item).digest())
+        return digest.hexdigest()
+    return _hash_file(path).hexdigest()
+
+
+def _hash_file(path: Path) -> "hashlib._Hash":
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest
 
 
 def file_size(path: Path) -> int:
@@ -175,12 +185,9 @@ def state_input(graph: dict[str, Any], tensor: str) -> str:
     return next(pair["input"] for pair in graph["state"] if pair["tensor"] == tensor)
 
 
-def read_json(path: Path, error: type[Exception]) -> Any:
-    """A JSON file's content, or `error` saying it is corrupt and to re-export."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is corrupt ({e}); re-export the model") from None
+def read_json(path: Path, error: type[Exception], max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
+    """A JSON file of an export folder (`runtime.reader`: regular, bounded), or `error` saying to re-export."""
+    return reader.read_json(path, error, max_bytes, "re-export the model", what=f"{path.name} file")
 
 
 def check_fields(path: Path, data: dict[str, Any]) -> None:
@@ -239,8 +246,10 @@ def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
+        if directory.exists():
+            raise ManifestError(f"{directory} is a file, not an export folder; give the folder lmn-export wrote")
         raise ManifestError(f"no export folder at {directory}; create one with lmn-export")
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"{directory} is not an lmn export ({MANIFEST} is missing); create one with lmn-export")
     data = read_json(path, ManifestError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -248,20 +257,40 @@ def read_manifest(directory: Path | str, verify_files: bool = True) -> Manifest:
     version = data.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise ManifestError(
-            f"{path} has format version {version!r} ({type(version).__name__}), this runtime reads the integer "
+            f"{path} has format version {reader.excerpt(version)} ({type(version).__name__}), this runtime reads the integer "
             f"{FORMAT_VERSION}; re-export the model with this lmn's lmn-export (it writes format {FORMAT_VERSION})"
         )
     check_integrity(path, data)
     check_schema(path, data)
     check_fields(path, data)
-    manifest = Manifest(directory, data)
-    if verify_files:
-        for name, facts in data["files"].items():
-            target = directory / name
-            if not target.resolve().is_relative_to(directory.resolve()):
-                raise ManifestError(f"{path} lists {name!r}, outside the export folder; re-export the model")
-            if not target.exists():
-                raise ManifestError(f"{directory} lacks {name}, listed in {MANIFEST}; re-export the model")
-            if file_digest(target) != facts["sha256"]:
-                raise ManifestError(f"{target} does not match its sha256 in {MANIFEST} (modified or corrupt); re-export")
-    return manifest
+    check_files(directory, data["files"], verify_files)
+    return Manifest(directory, data)
+
+
+def check_files(directory: Path, files: dict[str, Any], verify: bool) -> None:
+    """Every listed file lies inside the folder (checked even when `verify` is off: no path, absolute
+    path or symlink may lead out) and is a regular file or a folder (never a FIFO or device, which
+    would hang a reader); with `verify`, each exists with its recorded size (checked before hashing)
+    and sha256."""
+    root = directory.resolve()
+    for name, facts in files.items():
+        target = directory / name
+        if not target.resolve().is_relative_to(root):
+            raise ManifestError(f"{directory / MANIFEST} lists {reader.excerpt(name)}, outside the export folder "
+                                "(a '..', absolute path or symlink); re-export the model")
+        try:
+            mode = target.stat().st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ManifestError(f"{target} is {reader.file_kind(mode)}, not a file lmn-export wrote; re-export the model")
+        if not verify:
+            continue
+        if mode is None:
+            raise ManifestError(f"{directory} lacks {name}, listed in {MANIFEST}; re-export the model")
+        size = file_size(target)
+        if size != facts["bytes"]:
+            raise ManifestError(f"{target} has {size:,} bytes, {MANIFEST} records {facts['bytes']:,} (modified or "
+                                "corrupt); re-export the model")
+        if file_digest(target) != facts["sha256"]:
+            raise ManifestError(f"{target} does not match its sha256 in {MANIFEST} (modified or corrupt); re-export")

@@ -7,10 +7,11 @@ that this agrees with the `jsonschema` package on valid and broken manifests.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
+
+from .reader import MiB, excerpt, read_json
 
 SCHEMA_FILE = "lmn.schema.json"
 SCHEMA_PATH = Path(__file__).with_name(SCHEMA_FILE)
@@ -25,7 +26,7 @@ class SchemaViolation(ValueError):
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    schema = json.loads(path.read_text(encoding="utf-8"))
+    schema = read_json(path, ValueError, MiB, "reinstall lmn", what="JSON schema")
     unsupported = sorted(_keywords(schema) - KEYWORDS)
     if unsupported:
         raise ValueError(f"{path} uses JSON Schema keywords this checker does not implement: {unsupported}")
@@ -82,9 +83,9 @@ def _check(value: Any, node: dict, root: dict, where: str) -> None:
         if not any(_is_type(value, n) for n in names):
             raise SchemaViolation(f"{where} must be of type {' or '.join(names)}, got {type(value).__name__}")
     if "const" in node and not _same(value, node["const"]):
-        raise SchemaViolation(f"{where} must be {node['const']!r}, got {value!r}")
+        raise SchemaViolation(f"{where} must be {node['const']!r}, got {excerpt(value)}")
     if "enum" in node and not any(_same(value, option) for option in node["enum"]):
-        raise SchemaViolation(f"{where} must be one of {node['enum']}, got {value!r}")
+        raise SchemaViolation(f"{where} must be one of {node['enum']}, got {excerpt(value)}")
     if "oneOf" in node:
         matched = 0
         for option in node["oneOf"]:
@@ -94,14 +95,14 @@ def _check(value: Any, node: dict, root: dict, where: str) -> None:
             except SchemaViolation:
                 pass
         if matched != 1:
-            raise SchemaViolation(f"{where} must match exactly one of its alternatives, matched {matched}: {value!r}")
+            raise SchemaViolation(f"{where} must match exactly one of its alternatives, matched {matched}: {excerpt(value)}")
     if _is_type(value, "number") and "minimum" in node and value < node["minimum"]:
-        raise SchemaViolation(f"{where} must be >= {node['minimum']}, got {value!r}")
+        raise SchemaViolation(f"{where} must be >= {node['minimum']}, got {excerpt(value)}")
     if isinstance(value, str):
         if len(value) < node.get("minLength", 0):
             raise SchemaViolation(f"{where} must have at least {node['minLength']} characters")
         if "pattern" in node and not re.search(node["pattern"], value):
-            raise SchemaViolation(f"{where} must match {node['pattern']}, got {value!r}")
+            raise SchemaViolation(f"{where} must match {node['pattern']}, got {excerpt(value)}")
     if isinstance(value, list):
         if len(value) < node.get("minItems", 0):
             raise SchemaViolation(f"{where} must have at least {node['minItems']} items")
@@ -118,6 +119,6 @@ def _check(value: Any, node: dict, root: dict, where: str) -> None:
             if key in properties:
                 _check(item, properties[key], root, f"{where}.{key}")
             elif extra is False:
-                raise SchemaViolation(f"{where} has a field the schema does not define: {key!r}")
+                raise SchemaViolation(f"{where} has a field the schema does not define: {excerpt(key)}")
             elif isinstance(extra, dict):
                 _check(item, extra, root, f"{where}.{key}")

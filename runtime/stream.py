@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .model import ExportedModel
+from .reader import excerpt
 from .sampling import check_sampling, sample
-from .state_file import StateFileError, load_state, save_state
+from .state_file import MAX_TOKENS_SEEN, StateFileError, load_state, max_file_bytes, save_state
 
 PREFILL_MIN_TOKENS = 16  # what lmn-export writes as lmn.json prefill.min_prompt_tokens: shorter chunks are stepped
 
@@ -182,14 +183,16 @@ class Stream:
 
     def load(self, path: Path | str) -> None:
         """Replace this stream's state with a saved one; on any error nothing changes."""
-        arrays, header = load_state(path, self._identity())
+        room = self.state_bytes + 4 * len(self.model.vocab)  # the state arrays, then (V,) float32 logits
+        arrays, header = load_state(path, self._identity(), max_file_bytes(room))
         current = self.stepper.state
         for name, value in current.items():
             if name not in arrays or arrays[name].shape != value.shape or arrays[name].dtype != value.dtype:
                 raise StateFileError(f"{path} does not hold a {name} of shape {value.shape} {value.dtype}")
         tokens_seen = header.get("tokens_seen")
-        if isinstance(tokens_seen, bool) or not isinstance(tokens_seen, int) or tokens_seen < 0:
-            raise StateFileError(f"{path} has tokens_seen {tokens_seen!r}, not a count; nothing was loaded")
+        if isinstance(tokens_seen, bool) or not isinstance(tokens_seen, int) or not 0 <= tokens_seen <= MAX_TOKENS_SEEN:
+            raise StateFileError(f"{path} has tokens_seen {excerpt(tokens_seen)}, not a count in [0, 2^53); "
+                                 "nothing was loaded")
         logits = arrays.get("logits")
         vocab_size = len(self.model.vocab)
         if logits is not None and (logits.shape != (vocab_size,) or logits.dtype != np.float32):
@@ -203,14 +206,14 @@ class Stream:
             raise StateFileError(f"{path} holds pointer {int(arrays[self.model.pointer_input][0])}, past this export's "
                                  f"pointer.max {self.model.pointer_max}; nothing was loaded")
         if set(arrays) - set(current) - {"logits"}:
-            raise StateFileError(f"{path} holds arrays this model has no use for: {sorted(set(arrays) - set(current))}")
+            raise StateFileError(f"{path} holds arrays this model has no use for: {excerpt(sorted(set(arrays) - set(current)))}")
         if (logits is None) != (tokens_seen == 0):
             raise StateFileError(f"{path} is inconsistent (tokens_seen {tokens_seen} with"
                                  f"{'out' if logits is None else ''} logits); nothing was loaded")
         pending = header.get("pending_bytes", "")  # absent in files saved before byte vocabularies
         try:
             if not isinstance(pending, str) or len(bytes.fromhex(pending)) > tokens_seen:
-                raise ValueError(f"{pending!r} is not the hex of at most tokens_seen bytes")
+                raise ValueError(f"{excerpt(pending)} is not the hex of at most tokens_seen bytes")
             decoder = self.model.vocab.decoder(bytes.fromhex(pending))
         except ValueError as e:
             raise StateFileError(f"{path} has unusable pending_bytes ({e}); nothing was loaded") from None

@@ -27,6 +27,7 @@ export class LmnError extends Error {
   }
 }
 
+const STATE_MAX_HEADER_BYTES = 1 << 16; // as runtime/state_file.py MAX_HEADER_BYTES
 const ARRAYS = { float32: Float32Array, float16: Uint16Array, int64: BigInt64Array, int32: Int32Array };
 
 // ---- digests -------------------------------------------------------------------------------
@@ -65,6 +66,16 @@ function need(condition, message) {
   if (!condition) throw new LmnError(`${MANIFEST}: ${message}; re-export the model`);
 }
 
+/**
+ * Whether a file name from lmn.json stays inside the export folder: a relative path of plain segments
+ * (no "..", ".", empty or absolute part, no backslash, drive, URL scheme, query or %-escape that a
+ * fetch could resolve elsewhere). A symlink leaving the folder is the reader's to refuse (verify.mjs does).
+ */
+export function insideFolder(name) {
+  return typeof name === "string" && name.length > 0 && name.length <= 255 && !/[\\:%?#\0]/.test(name) &&
+    name.split("/").every((part) => part !== "" && part !== "." && part !== "..");
+}
+
 /** The fields this client reads are present and coherent (lmn.schema.json has the full rules). */
 function checkManifest(m) {
   if (m?.format !== FORMAT) throw new LmnError(`${MANIFEST} is not an lmn export manifest (format ${JSON.stringify(m?.format)})`);
@@ -78,6 +89,10 @@ function checkManifest(m) {
   need(v.kind === "bytes" || [...v.tokens].length === v.size, "vocabulary.tokens must hold `size` code points");
   need(Array.isArray(v.start?.ids) && v.start.ids.length > 0, "vocabulary.start.ids is missing");
   need(Array.isArray(m.state?.tensors) && m.state.tensors.every((t) => t.initial === 0), "state.tensors with initial 0");
+  need(m.files && typeof m.files === "object" && Array.isArray(m.graphs), "files and graphs are missing");
+  for (const name of [...Object.keys(m.files), ...m.graphs.map((g) => g.file)])
+    need(insideFolder(name), `it lists ${JSON.stringify(String(name).slice(0, 80))}, outside the export folder (a '..', ` +
+      "absolute path or symlink)");
   need(m.state.tensors.some((t) => t.name === m.pointer?.tensor), "pointer.tensor must name a state tensor");
   need(/^(0|[1-9][0-9]{0,18})$/.test(m.pointer.max ?? ""), "pointer.max must be a decimal string");
   if (m.fast_paths) {
@@ -565,12 +580,14 @@ export class Stream {
     const fail = (why) => {
       throw new LmnError(`not a usable state file for this model: ${why}; nothing was loaded`);
     };
-    bytes = new Uint8Array(bytes); // a copy: a Node Buffer's slice() would share (and view) its whole pool
+    // a copy as a plain Uint8Array: a Node Buffer's slice() is a view into a shared pool, not a copy
+    bytes = new Uint8Array(bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes));
     if (bytes.length < 44 || new TextDecoder().decode(bytes.subarray(0, 8)) !== STATE_MAGIC) fail("no LMNSTATE header");
     const body = bytes.subarray(0, bytes.length - 32);
     const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", body.slice()));
     if (digest.some((b, k) => b !== bytes[body.length + k])) fail("truncated or corrupt (checksum mismatch)");
     const headLength = new DataView(body.buffer, body.byteOffset).getUint32(8, true);
+    if (headLength > Math.min(STATE_MAX_HEADER_BYTES, body.length - 12)) fail(`a header of ${headLength} bytes`);
     let header;
     try {
       header = JSON.parse(new TextDecoder().decode(body.subarray(12, 12 + headLength)));
@@ -596,11 +613,14 @@ export class Stream {
       const data = new Array_(body.slice(offset, offset + count * Array_.BYTES_PER_ELEMENT).buffer);
       if (data.length !== count) fail("array sizes do not add up");
       offset += data.byteLength;
+      if (spec.dtype === "float32" ? !data.every(Number.isFinite) : spec.dtype !== "float16" && data.some((x) => x < 0))
+        fail(`${spec.name} holds ${spec.dtype === "float32" ? "non-finite" : "negative"} values`);
+      if (spec.dtype === "float16" && data.some((h) => (h & 0x7c00) === 0x7c00)) fail(`${spec.name} holds non-finite values`);
       if (tensor) state[tensor] = new m.ort.Tensor(spec.dtype, data, spec.shape);
       else logits = data;
     }
     if (offset !== body.length || Object.keys(state).length !== m.stateTensors.size) fail("array sizes do not add up");
-    if (!Number.isInteger(header.tokens_seen) || header.tokens_seen < 0 || (logits === null) !== (header.tokens_seen === 0))
+    if (!Number.isSafeInteger(header.tokens_seen) || header.tokens_seen < 0 || (logits === null) !== (header.tokens_seen === 0))
       fail(`tokens_seen ${header.tokens_seen} does not fit its logits`);
     if (BigInt(state[m.pointerTensor].data[0]) > m.pointerMax || BigInt(state[m.pointerTensor].data[0]) < 0n) fail(`pointer out of range (past lmn.json pointer.max ${m.pointerMax})`);
     const pending = (header.pending_bytes ?? "").match(/../g)?.map((h) => parseInt(h, 16)) ?? [];

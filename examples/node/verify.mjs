@@ -10,10 +10,10 @@
 // Exits 0 when every case passes, 1 when one differs beyond its precision's tolerance, 2 when the
 // folder cannot be checked. Same rules and output as the Python runtime's `lmn-verify`.
 
-import { readFile } from "node:fs/promises";
-import { join } from "node:path";
+import { readFile, realpath, stat } from "node:fs/promises";
+import { join, sep } from "node:path";
 
-import { LmnError, checkFile, judge, loadModel, readManifest, runCase } from "./lmn.mjs";
+import { LmnError, checkFile, insideFolder, judge, loadModel, readManifest, runCase } from "./lmn.mjs";
 
 const USAGE = "usage: node verify.mjs DIR [--precision P ...] [--json] [--cases FILE] [--ort node|web]";
 
@@ -49,22 +49,46 @@ async function loadOrt(which) {
   return ort;
 }
 
+const MAX_FILE_BYTES = 1 << 30; // no file of an export folder comes near this
+
+/** A regular file's bytes (stat before open: a FIFO, device or directory is refused, never read). */
+async function readRegular(path) {
+  let info;
+  try {
+    info = await stat(path);
+  } catch (e) {
+    throw new LmnError(`cannot read ${path} (${e.code ?? e.message}); is it an lmn export folder?`);
+  }
+  if (!info.isFile()) throw new LmnError(`${path} is not a regular file (a directory, FIFO or device); re-export the model`);
+  if (info.size > MAX_FILE_BYTES) throw new LmnError(`${path} is ${info.size} bytes, more than any export file; re-export the model`);
+  return new Uint8Array(await readFile(path));
+}
+
+/** A file of the export folder, refused where its real path (symlinks followed) leaves the folder. */
+async function readInside(directory, name) {
+  if (!insideFolder(name)) throw new LmnError(`${JSON.stringify(name.slice(0, 80))} is outside the export folder; re-export the model`);
+  const path = join(directory, name);
+  let root, real;
+  try {
+    [root, real] = [await realpath(directory), await realpath(path)];
+  } catch (e) {
+    throw new LmnError(`cannot read ${path} (${e.code ?? e.message}); is it an lmn export folder?`);
+  }
+  if (real !== root && !real.startsWith(root + sep))
+    throw new LmnError(`${name} leads outside the export folder (a symlink to ${real}); re-export the model`);
+  return readRegular(real);
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const ort = await loadOrt(args.ort);
   const backend = `onnxruntime-${args.ort} ${ort.env.versions[args.ort]}`;
-  const fetchFile = async (name) => {
-    try {
-      return new Uint8Array(await readFile(join(args.directory, name)));
-    } catch (e) {
-      throw new LmnError(`cannot read ${join(args.directory, name)} (${e.code ?? e.message}); is it an lmn export folder?`);
-    }
-  };
+  const fetchFile = (name) => readInside(args.directory, name);
   const manifest = await readManifest(fetchFile);
   const path = args.cases ?? join(args.directory, "conformance.json");
   let cases;
   try {
-    const bytes = new Uint8Array(await readFile(path));
+    const bytes = await readRegular(path);
     if (args.cases === null) await checkFile(manifest, "conformance.json", bytes);
     cases = JSON.parse(new TextDecoder().decode(bytes));
   } catch (e) {

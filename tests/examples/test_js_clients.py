@@ -423,3 +423,91 @@ def test_page_continues_a_prompt_as_the_python_runtime_does(which, serve, reques
     assert report["result"] == python_greedy(export, prompt, count)
     graph_of = {g["file"]: g["name"] for g in manifest["graphs"]}
     assert {graph_of[file] for file in report["calls"]} == {"prefill", "step", "step_levels"}, report["calls"]
+
+
+# ---- hostile folders and state files: the same cases against the Python runtime and the Node client ----
+
+
+def escaping_copy(export_dir: Path, tmp_path: Path, escape: str) -> Path:
+    """A copy whose step graph is named `escape` (resealed): a path that leaves the folder."""
+    from runtime.manifest import seal
+
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    data = json.loads((copy / "lmn.json").read_text(encoding="utf-8"))
+    step = next(g for g in data["graphs"] if g["name"] == "step" and g["precision"] == "fp32")
+    shutil.copy(copy / step["file"], tmp_path / "outside.onnx")
+    if escape == "link.onnx":
+        (copy / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+    escape = str(tmp_path / "outside.onnx") if escape == "ABSOLUTE" else escape
+    data["files"][escape] = data["files"].pop(step["file"])
+    step["file"] = escape
+    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    return copy
+
+
+@pytest.mark.parametrize("escape", ["../outside.onnx", "ABSOLUTE", "link.onnx", "sub/../../outside.onnx"])
+def test_both_clients_refuse_graphs_outside_the_folder(export_dir, tmp_path, escape):
+    copy = escaping_copy(export_dir, tmp_path, escape)
+    for verify_files in (True, False):
+        with pytest.raises(runtime.ManifestError, match="outside the export folder"):
+            runtime.load(copy, verify=verify_files)
+    done = verify(copy)
+    assert done.returncode == 2 and "outside the export folder" in done.stderr, done.stderr
+
+
+STATE = """
+import { readFile } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { loadModel } from "./lmn.mjs";
+const [dir, ...files] = process.argv.slice(1);
+const model = await loadModel({ ort, fetchFile: async (name) => new Uint8Array(await readFile(dir + "/" + name)) });
+const out = {};
+for (const file of files) {
+  const stream = model.stream();
+  try { await stream.loadState(await readFile(file)); out[file] = "loaded " + stream.tokensSeen; }  // a Node Buffer
+  catch (e) { out[file] = e.name + ": " + e.message; }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_both_clients_check_state_files_alike(export_dir, tmp_path):
+    """A Node Buffer loads (it is what readFile gives); NaN memory, an unsafe tokens_seen and a header
+    past the file are refused by both clients."""
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    from tests.runtime.state_files import forge, forge_header, header
+
+    stream = runtime.Stream(runtime.load(export_dir))
+    stream.feed("To be, or not to be")
+    good = tmp_path / "good.state"
+    stream.save(good)
+    cases = {}
+    nan = tmp_path / "nan.state"
+    data = bytearray(good.read_bytes()[:-32])
+    (n,) = struct.unpack("<I", data[8:12])
+    first = header(good)["arrays"][0]
+    assert first["dtype"] == "float32", first
+    data[12 + n : 12 + n + 4] = np.float32(np.nan).tobytes()  # the first memory value
+    nan.write_bytes(bytes(data) + hashlib.sha256(bytes(data)).digest())
+    cases[nan] = ("non-finite", "non-finite")
+    huge = tmp_path / "huge.state"
+    shutil.copy(good, huge)
+    forge(huge, lambda h: h.update(tokens_seen=10**30))
+    cases[huge] = ("not a count", "tokens_seen")
+    long_head = tmp_path / "head.state"
+    shutil.copy(good, long_head)
+    forge_header(long_head, json.dumps(header(good)).encode() + b" " * 70_000)
+    cases[long_head] = ("header of|more than the", "a header of")  # Python: the file is too big to be one
+    done = node_script(STATE, str(export_dir), str(good), *map(str, cases))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out[str(good)] == f"loaded {len('To be, or not to be')}"
+    for path, (python_says, node_says) in cases.items():
+        with pytest.raises(runtime.StateFileError, match=python_says):
+            runtime.Stream(runtime.load(export_dir)).load(path)
+        assert out[str(path)].startswith("LmnError: ") and node_says in out[str(path)], out[str(path)]

@@ -248,14 +248,21 @@ def test_failed_parity_writes_nothing(checkpoint, tmp_path):
     assert not out.exists() and not any(tmp_path.iterdir())
 
 
-def test_refuses_foreign_folder_unless_forced(checkpoint, tmp_path):
+def test_force_never_deletes_what_an_export_did_not_write(checkpoint, tmp_path):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(ExportError, match="not an lmn export"):
-        export(checkpoint, out, ExportOptions(prefill_sizes=(), parity_tokens=4))
-    result = export(checkpoint, out, ExportOptions(prefill_sizes=(), parity_tokens=4, force=True))
-    assert result.passed and not (out / "cat.jpg").exists()
+    for force in (False, True):
+        with pytest.raises(ExportError, match="not an lmn export"):
+            export(checkpoint, out, ExportOptions(prefill_sizes=(), parity_tokens=4, force=force))
+    assert (out / "cat.jpg").read_bytes() == b"meow"
+    export(checkpoint, tmp_path / "exp", ExportOptions(prefill_sizes=(), parity_tokens=4))
+    (tmp_path / "exp" / "notes.md").write_text("mine")
+    with pytest.raises(ExportError, match=r"does not list \('notes.md'\)"):
+        export(checkpoint, tmp_path / "exp", ExportOptions(prefill_sizes=(), parity_tokens=4, force=True))
+    assert (tmp_path / "exp" / "notes.md").read_text() == "mine"
+    (tmp_path / "exp" / "notes.md").unlink()  # negative control: an export holding only its own files is replaced
+    assert export(checkpoint, tmp_path / "exp", ExportOptions(prefill_sizes=(), parity_tokens=4, force=True)).passed
 
 
 def test_cli_exports_and_reports(checkpoint, tmp_path):
@@ -282,6 +289,8 @@ def test_cli_exports_and_reports(checkpoint, tmp_path):
     (["--quantize", "int4,int8,int4"], "names a precision twice"),
     (["--quant-block", "3"], "--quant-block must be a power of two >= 16"),
     (["--quant-block", "48"], "--quant-block must be a power of two >= 16"),
+    (["--quant-block", "512"], "--quant-block must be a power of two >= 16 and <= 256"),
+    (["--quant-block", str(2**63)], "--quant-block must be a power of two >= 16 and <= 256"),
     (["--stateful"], "applies to Core ML"),
 ])
 def test_cli_bad_input_is_one_line(checkpoint, tmp_path, args, message):

@@ -200,7 +200,7 @@ def test_a_damaged_prepared_folder_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(train_main, ["--data", str(prep), *run])
     assert "train.bin is missing or not the" in one_line_error(result) and "lmn-prepare" in result.output
     (prep / META).write_text("{")
-    assert "meta.json is unusable" in one_line_error(CliRunner().invoke(train_main, ["--data", str(prep), *run]))
+    assert "meta.json is corrupt" in one_line_error(CliRunner().invoke(train_main, ["--data", str(prep), *run]))
     (prep / META).unlink()
     assert "is not a prepared corpus" in one_line_error(CliRunner().invoke(train_main, ["--data", str(prep), *run]))
     assert not (tmp_path / "run" / CONFIG).exists()

@@ -17,3 +17,17 @@ def forge(path: Path, change) -> None:
     head = json.dumps(header, sort_keys=True).encode()
     body = data[:8] + struct.pack("<I", len(head)) + head + data[12 + n :]
     path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def forge_header(path: Path, head: bytes) -> None:
+    """Replace a state file's header with raw bytes (JSON no encoder writes) under a valid checksum."""
+    data = path.read_bytes()[:-32]
+    (n,) = struct.unpack("<I", data[8:12])
+    body = data[:8] + struct.pack("<I", len(head)) + head + data[12 + n :]
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def header(path: Path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<I", data[8:12])
+    return json.loads(data[12 : 12 + n])

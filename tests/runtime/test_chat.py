@@ -48,7 +48,7 @@ def test_interactive_session(export_dir, tmp_path):
     child.expect_exact("[temperature 0]")
     child.expect_exact("> ")
     child.sendline("/load /nonexistent/file")
-    child.expect_exact("[error: no state file")
+    child.expect_exact("[error: no such file")
     child.expect_exact("> ")
     child.sendline("/help")
     child.expect_exact("Ctrl-D exits")

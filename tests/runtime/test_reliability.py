@@ -224,11 +224,12 @@ def test_malformed_manifests_are_one_line_errors(export_dir, tmp_path, change, m
 
 def test_a_wrong_graph_under_a_correct_sha_is_refused_at_load(export_dir, tmp_path):
     """The graphs' I/O is checked against the manifest before anything runs."""
-    from runtime.manifest import file_digest
+    from runtime.manifest import file_digest, file_size
 
     copy = copy_export(export_dir, tmp_path)
     shutil.copy(copy / "prefill_32.onnx", copy / "model.onnx")
-    rewrite(copy, lambda d: d["files"]["model.onnx"].update(sha256=file_digest(copy / "model.onnx")))
+    rewrite(copy, lambda d: d["files"]["model.onnx"].update(sha256=file_digest(copy / "model.onnx"),
+                                                            bytes=file_size(copy / "model.onnx")))
     with pytest.raises(ManifestError, match="model.onnx has inputs .*tokens.* declares"):
         runtime.load(copy)
 

@@ -128,7 +128,7 @@ def test_bad_state_files_are_refused_whole(export_dir, other_export_dir, tmp_pat
     target = Stream(model)
     target.feed("To be")
     before = {k: v.copy() for k, v in target.stepper.state.items()}
-    for name, message in (("cut", "truncated or corrupt"), ("flip", "truncated or corrupt"), ("none", "no state file")):
+    for name, message in (("cut", "truncated or corrupt"), ("flip", "truncated or corrupt"), ("none", "no such file")):
         with pytest.raises(StateFileError, match=message):
             target.load(tmp_path / f"{name}.state")
     other = Stream(runtime.load(other_export_dir))
