@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from models import LMN, GPT, LMNConfig, StepState
-from .graphs import (BATCH, MEMORY_LAYOUT, POINTER_LAYOUT, GraphSpec, StateSpec, TensorSpec, example_state, state_tensor,
-                     step_graph, step_spec)
+from .graphs import (BATCH, MEMORY_LAYOUT, POINTER_LAYOUT, GraphSpec, PrefillGraph, StateSpec, TensorSpec, example_state,
+                     prefill_spec, state_tensor, step_graph, step_spec)
 from .onnx_export import MAX_BATCH, ExportError
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,43 @@ def convert_step(model: LMN | GPT, precision: str = "fp32", target: str = "iOS16
 def export_step(model: LMN | GPT, path: Path, precision: str = "fp32") -> GraphSpec:
     """Write the step graph as an .mlpackage with explicit state inputs and outputs."""
     mlmodel, spec = convert_step(model, precision)
+    mlmodel.save(str(path))
+    return spec
+
+
+class _Int32Prefill(nn.Module):
+    """The prefill graph with int32 tokens, length and pointer (Core ML has no int64 I/O)."""
+
+    def __init__(self, model: LMN):
+        super().__init__()
+        self.prefill = PrefillGraph(model)
+
+    def forward(self, tokens: torch.Tensor, length: torch.Tensor, memory: torch.Tensor, pointer: torch.Tensor):
+        logits, memory, pointer = self.prefill(tokens.long(), length.long(), memory, pointer.long())
+        return logits, memory, pointer.int()
+
+
+def coreml_prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
+    """The prefill's I/O as Core ML sees it: int32 tokens, length and pointer, batch 1 (one stream per call)."""
+    spec = prefill_spec(cfg, size)
+
+    def core_ml(t: TensorSpec) -> TensorSpec:
+        shape = tuple(1 if d == BATCH else d for d in t.shape)
+        return TensorSpec(t.name, shape, "int32" if t.dtype == "int64" else t.dtype, t.role, t.state)
+
+    return GraphSpec(tuple(map(core_ml, spec.inputs)), tuple(map(core_ml, spec.outputs)), spec.state)
+
+
+def export_prefill(model: LMN, path: Path, size: int, precision: str = "fp32") -> GraphSpec:
+    """Write a prefill graph (`size` tokens from any state, batch 1) as an .mlpackage."""
+    ct = _coremltools()
+    spec = coreml_prefill_spec(model.config, size)
+    memory, _ = example_state(model, 1)
+    args = (torch.zeros(1, size, dtype=torch.int32), torch.tensor([size], dtype=torch.int32), memory,
+            torch.tensor([2**30 + 5], dtype=torch.int32))
+    traced = _trace(_Int32Prefill(model).eval(), args)
+    mlmodel = _convert(ct, traced, spec, precision, ct.target.iOS16)
+    mlmodel.short_description = f"LMN prefill of up to {size} tokens from any state ({precision})"
     mlmodel.save(str(path))
     return spec
 

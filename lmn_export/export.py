@@ -263,6 +263,20 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         bound = _atol(options, FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
         reports.append(stream_parity(model, predictor, cspec, tokens, starts, bound,
                                      f"coreml step ({options.precision})", runner))
+        if is_lmn:
+            for size in options.prefill_sizes:
+                name = f"prefill_{size}.mlpackage"
+                progress(f"exporting Core ML prefill graph ({size} tokens, {options.precision})")
+                pspec = coreml_export.export_prefill(model, work / name, size, options.precision)
+                graphs.append({"name": "prefill", "target": "coreml", "file": name, "precision": options.precision,
+                               "size": size, "minimum_deployment_target": "iOS16/macOS13", **pspec.to_dict()})
+                ppredictor, prunner = load_coreml(work / name)
+                pstarts = prefill_starts(model, size, 2**31 - 1)  # int32 pointers
+                ptokens = stream_tokens(model, text_ids, PREFILL_WARMUP + size, len(pstarts))
+                plengths = [(size, size // 2 + 1, 1)[b % 3] for b in range(len(pstarts))]
+                progress(f"checking Core ML prefill {size} parity from {len(pstarts)} states with {prunner}")
+                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, plengths, pstarts, bound,
+                                              f"coreml prefill {size} ({options.precision})", prunner))
         if options.quantize:  # int4 / int8 weight-only copies, each judged against this step
             from .coreml_quantize import export_quantized
 

@@ -165,12 +165,13 @@ def start_pointers(model: LMN | GPT, steps: int, int_max: int = 2**63 - 1) -> li
 PREFILL_WARMUP = 37  # tokens stepped into a prefill parity row's starting state: odd, and past 2^5
 
 
-def prefill_starts(model: LMN, size: int) -> list[int]:
+def prefill_starts(model: LMN, size: int, int_max: int = 2**63 - 1) -> list[int]:
     """Start pointers of the prefill parity rows: the empty stream, unaligned, just below the top level's
-    boundary (the next token re-summarizes every level), past 2^24 (float32 integers) and 2^31 (int32),
-    and where a `size`-token prefill ends at the int64 limit."""
+    boundary (the next token re-summarizes every level), past 2^24 (float32 integers) and 2^31 (int32, for
+    int64 graphs), and where a `size`-token prefill ends at the pointer's limit (`int_max`)."""
     top = 2 ** (model.config.max_levels - 1)
-    return [0, PREFILL_WARMUP, max(top - 1, PREFILL_WARMUP + 1), 2**24 - 3, 2**31 - 2, 2**63 - 1 - size]
+    starts = [0, PREFILL_WARMUP, max(top - 1, PREFILL_WARMUP + 1), 2**24 - 3, 2**31 - 2, int_max - size]
+    return sorted({p for p in starts if p <= int_max - size})
 
 
 @torch.no_grad()
@@ -202,9 +203,16 @@ def prefill_parity(model: LMN, predictor, spec: GraphSpec, tokens: np.ndarray, l
     memory, pointer = warm_state(model, tokens, starts)
     padded = np.zeros((batch, size), dtype=np.int64)
     padded[:, : min(size, tokens.shape[1] - PREFILL_WARMUP)] = tokens[:, PREFILL_WARMUP : PREFILL_WARMUP + size]
-    got = predictor.predict({"tokens": padded, "length": np.asarray(lengths, dtype=np.int64),
-                             "memory": memory.numpy(), "pointer": pointer.numpy()})
-    check_shapes(spec, got, batch)
+    dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+    inputs = {"tokens": padded, "length": np.asarray(lengths), "memory": memory.numpy(), "pointer": pointer.numpy()}
+    inputs = {name: value.astype(dtypes[name]) for name, value in inputs.items()}
+    if spec.inputs[0].shape[0] == 1:  # a graph of batch 1 (Core ML): one row per call
+        rows = [predictor.predict({name: value[b : b + 1] for name, value in inputs.items()}) for b in range(batch)]
+        got = {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+        check_shapes(spec, rows[0], 1)
+    else:
+        got = predictor.predict(inputs)
+        check_shapes(spec, got, batch)
     reference = step_graph(model)
     state = (memory, pointer)
     want_logits = np.zeros_like(got["logits"])
@@ -214,7 +222,7 @@ def prefill_parity(model: LMN, predictor, spec: GraphSpec, tokens: np.ndarray, l
         for b, n in enumerate(lengths):
             if n == t + 1:
                 want_logits[b], want_memory[b] = logits[b].numpy(), state[0][b].numpy()
-    want_pointer = np.asarray([p + n for p, n in zip(starts, lengths)], dtype=np.int64)
+    want_pointer = np.asarray([p + n for p, n in zip(starts, lengths)], dtype=got["pointer_out"].dtype)
     return ParityReport(graph, runner, size, batch, list(starts), [
         OutputDiff("logits", worst_gap(0.0, got["logits"], want_logits), atol),
         OutputDiff("memory_out", worst_gap(0.0, got["memory_out"], want_memory), atol),

@@ -84,6 +84,25 @@ def test_coreml_step_parity(name, tmp_path):
         assert len(predictor.ops) > 50  # the saved program itself was evaluated, op by op
 
 
+@pytest.mark.parametrize("name", ["linear-1bank", "dwsep-1bank-expand2"])
+def test_coreml_prefill_from_any_state(name, tmp_path):
+    """The Core ML prefill graph (batch 1, int32 pointer) equals PyTorch steps from states at 0, unaligned, below
+    the top level, past 2^24 and at the int32 limit; the saved program is evaluated op by op (Linux) or by Core ML."""
+    from lmn_export.validate import PREFILL_WARMUP, prefill_parity, prefill_starts, stream_tokens
+
+    model, other = tiny_model(**VARIANTS[name]), tiny_model(seed=1, **VARIANTS[name])
+    starts = prefill_starts(model, 16, 2**31 - 1)
+    assert starts[-1] == 2**31 - 1 - 16 and 2**24 - 3 in starts  # the last prefill ends at the int32 limit
+    tokens = stream_tokens(model, VOCAB.encode("To be, or not to be"), PREFILL_WARMUP + 16, len(starts))
+    lengths = [(16, 9, 1)[b % 3] for b in range(len(starts))]
+    for source, should_pass in ((other, False), (model, True)):
+        spec = coreml_export.export_prefill(source, tmp_path / "p.mlpackage", 16)
+        predictor, runner = load_coreml(tmp_path / "p.mlpackage")
+        report = prefill_parity(model, predictor, spec, tokens, lengths, starts, FP32_BOUND, "coreml prefill", runner)
+        assert report.passed is should_pass, report.to_dict()
+    assert {t.dtype for t in spec.inputs if t.role != "state" or t.state == "pointer"} == {"int32"}
+
+
 def test_negative_control_other_weights_fail(tmp_path):
     """A graph exported from other weights must fail validation against this model."""
     model, other = tiny_model(seed=0), tiny_model(seed=1)
