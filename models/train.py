@@ -37,7 +37,8 @@ from runtime.reader import excerpt
 
 from . import build_model, count_parameters
 from .checkpoint import CONFIG, OPTIMIZER, CheckpointError, load, load_optimizer_state, read_meta, recover, save
-from .config import PRESETS, ConfigError, GPTConfig, preset
+from .carry import CARRY_LEVELS, CarriedRows
+from .config import PRESETS, ConfigError, GPTConfig, LMNConfig, preset
 from .data import VOCAB_KINDS, Corpus, DataError, TrainingData, open_training_data
 from .devices import Distributed, autocast, check_precision, grad_scaler, resolve_device
 
@@ -104,7 +105,9 @@ BOUNDS = {
     "eval_interval": Bound(int, 1, high=10**9), "eval_batches": Bound(int, 1, high=10**6),
     "seed": Bound(int, 0, high=2**64 - 1), "grad_accum": Bound(int, 1, high=2**16), "device": OneOf(DEVICES),
     "precision": OneOf(PRECISIONS), "compile": OneOf((False, True), kind=bool),
+    "carry": Bound(int, 0, high=2**40),
 }
+LEVELS = Bound(int, 1, high=62)  # --levels: max_levels of an LMN (2^(levels-1) must fit int64)
 THREADS = Bound(int, 1, high=1024)
 DEFAULT_PRESET = "logmem-32"
 
@@ -126,12 +129,17 @@ class TrainSettings:
     device: str = "auto"  # auto: cuda if available, else mps, else cpu
     precision: str = "fp32"  # bf16/fp16: autocast over fp32 master weights
     compile: bool = False  # torch.compile the training forward
+    carry: int = 0  # > 0: rows read stretches of this many tokens as consecutive windows, state carried (models.carry)
+    levels: int | None = None  # max_levels of a new LMN (None: the preset's, or CARRY_LEVELS with carry)
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
             problem = bound.problem(getattr(self, name))
             if problem:
                 raise ConfigError(f"TrainSettings.{name} {problem}")
+        problem = self.levels is not None and LEVELS.problem(self.levels)
+        if problem:
+            raise ConfigError(f"TrainSettings.levels {problem}")
 
 
 class Bounded(click.ParamType):
@@ -214,9 +222,45 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings, batches: int | None
     return losses
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, out: Path, meta: dict[str, Any], settings: TrainSettings) -> None:
-    """Load the optimizer state saved with the checkpoint (if it saved one); this run's lr and weight decay apply."""
+CARRY_KEY = "lmn_carry"  # the carried states' entry in the optimizer state file: a list, one per rank
+
+
+def with_levels(cfg, settings: TrainSettings):
+    """The preset's config with --levels (or, with --carry, CARRY_LEVELS) as max_levels; a GPT takes neither."""
+    levels = settings.levels if settings.levels is not None else (CARRY_LEVELS if settings.carry else None)
+    if levels is None:
+        return cfg
+    if not isinstance(cfg, LMNConfig):
+        raise ConfigError("--levels sets an LMN's memory levels; a GPT preset has none (drop --levels)")
+    return dataclasses.replace(cfg, max_levels=levels)
+
+
+def gather_carry(rows: CarriedRows, dist: Distributed) -> list[dict]:
+    """Every rank's carried states (cpu), in rank order (one collective call under DDP: every rank calls it)."""
+    mine = rows.state_dict()
+    if dist.world_size == 1:
+        return [mine]
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore_carry(rows: CarriedRows | None, carried: list[dict] | None, dist: Distributed) -> None:
+    """This rank's carried states from a resumed checkpoint; a run with --carry needs a checkpoint trained with it."""
+    if rows is None:
+        return
+    if carried is None or len(carried) != dist.world_size:
+        have = "no carried states" if carried is None else f"carried states of {len(carried)} rank(s)"
+        raise ConfigError(f"--resume --carry: the checkpoint holds {have}, this run has {dist.world_size} rank(s); "
+                          "resume with the --carry and the number of processes it was trained with")
+    rows.load_state_dict(carried[dist.rank])
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, out: Path, meta: dict[str, Any], settings: TrainSettings) -> list | None:
+    """Load the optimizer state saved with the checkpoint (if it saved one); this run's lr and weight decay apply.
+    Returns the carried states it holds (`CARRY_KEY`), or None."""
     state = load_optimizer_state(out, meta)
+    carried = state.pop(CARRY_KEY, None) if isinstance(state, dict) else None
     if state is not None:
         try:
             optimizer.load_state_dict(state)
@@ -224,6 +268,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, out: Path, meta: dict[st
             raise CheckpointError(f"{out / OPTIMIZER} does not fit this model ({e}); restore the checkpoint folder") from None
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = settings.lr, settings.weight_decay
+    return carried
 
 
 @contextlib.contextmanager
@@ -311,13 +356,19 @@ def train(
         if preset_name is not None and saved is not None and preset_name != saved:
             raise ConfigError(f"--resume: the checkpoint in {out} is a {saved} model, not --preset {preset_name}; "
                               f"drop --preset (or pass --preset {saved}), or train {preset_name} in another --out")
+        levels = getattr(model.config, "max_levels", None)
+        if settings.levels is not None and settings.levels != levels:
+            raise ConfigError(f"--resume: the checkpoint in {out} has {levels} levels, not --levels {settings.levels}; "
+                              "drop --levels, or train another --out")
         preset_name = saved or preset_name or DEFAULT_PRESET
     else:
         preset_name = preset_name or DEFAULT_PRESET
         vocab = data.vocab
-        cfg = preset(preset_name, vocab_size=len(vocab))
+        cfg = with_levels(preset(preset_name, vocab_size=len(vocab)), settings)
         torch.manual_seed(settings.seed)
         model = build_model(cfg)
+    if settings.carry and not isinstance(model.config, LMNConfig):
+        raise ConfigError(f"--carry trains an LMN's memory across windows; {preset_name} has none (drop --carry)")
     done = int(meta["training"].get("step", 0))
     if resume and done >= settings.steps:  # nothing to train: the checkpoint's own losses, never NaN
         return recorded_losses(meta)
@@ -326,10 +377,15 @@ def train(
     corpus = data.corpus(vocab)  # a resumed checkpoint's vocabulary must match the data's
     corpus.check_block(settings.block)
 
+    rows = None
+    if settings.carry:
+        CarriedRows.check(len(corpus.train), settings.carry)
+        rows = CarriedRows(settings.carry, settings.block, settings.batch, settings.grad_accum, settings.seed, dist.rank)
     model.to(device)  # fp32 master weights on every device; autocast lowers only the matmuls
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if resume:
-        restore_optimizer(optimizer, out, meta, settings)  # its state lands on the parameters' device
+        carried = restore_optimizer(optimizer, out, meta, settings)  # its state lands on the parameters' device
+        restore_carry(rows, carried, dist)
     trained, ddp = model, None
     if dist.world_size > 1:
         trained = ddp = torch.nn.parallel.DistributedDataParallel(
@@ -345,12 +401,13 @@ def train(
         trim_log(out / LOG, done, meta["training"].get("last_log"))
     # What config.json and each log line record about how the run trains.
     runtime = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
+               "carry": settings.carry,
                "compile": settings.compile, "world_size": dist.world_size}
     tokens_per_step = settings.batch * settings.block * settings.grad_accum * dist.world_size
     last_log = meta["training"].get("last_log") or {}
     tokens = int(last_log.get("tokens", done * tokens_per_step))  # trained on so far, across world sizes
 
-    def checkpoint(step: int, losses: dict[str, float], record: dict[str, Any]) -> None:
+    def checkpoint(step: int, losses: dict[str, float], record: dict[str, Any], carried: list | None) -> None:
         facts = {
             "preset": preset_name, "step": step, "parameters": count_parameters(model),
             **{f"{k}_loss": round(v, 4) for k, v in losses.items()},
@@ -358,7 +415,10 @@ def train(
         }
         if scaler is not None:
             facts["grad_scaler"] = scaler.state_dict()
-        save(out, model, vocab, facts, optimizer)  # the plain module: cpu fp32 tensors, no _orig_mod. keys
+        state = optimizer.state_dict()
+        if carried is not None:  # every rank's carried states, in rank order
+            state = {**state, CARRY_KEY: carried}
+        save(out, model, vocab, facts, state)  # the plain module: cpu fp32 tensors, no _orig_mod. keys
 
     losses = {"train": math.nan, "val": math.nan}
     start = time.time()
@@ -384,13 +444,21 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             batch_loss = torch.zeros((), device=device)  # the step's summed micro-batch losses
             for micro in range(settings.grad_accum):
-                x, y = Corpus.batch(corpus.train, settings.batch, settings.block, generator)
+                if rows is None:
+                    x, y = Corpus.batch(corpus.train, settings.batch, settings.block, generator)
+                else:  # the next window of each row's stretch, from the state its last window left
+                    x, y, state_in = rows.batch_at(corpus.train, step, micro, model)
                 x, y = x.to(device), y.to(device)  # (B, T), (B, T)
                 syncs = ddp is None or micro + 1 == settings.grad_accum  # DDP all-reduces on the last only
                 try:
                     with contextlib.nullcontext() if syncs else ddp.no_sync():
                         with autocast(device, settings.precision):
-                            loss = F.cross_entropy(trained(x).flatten(0, 1), y.flatten())
+                            if rows is None:
+                                logits = trained(x)
+                            else:
+                                logits, after = trained(x, return_state=True, state=state_in)
+                                rows.keep(micro, after)
+                            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
                         scaled = loss / settings.grad_accum if settings.grad_accum > 1 else loss
                         (scaled if scaler is None else scaler.scale(scaled)).backward()
                 except Exception as e:
@@ -415,7 +483,9 @@ def train(
             run_tokens, run_s = run_tokens + tokens_per_step, run_s + seconds
             window_tokens, window_s = window_tokens + tokens_per_step, window_s + seconds
             last = step + 1 == settings.steps
-            if dist.main and ((step + 1) % settings.eval_interval == 0 or last):
+            at_checkpoint = (step + 1) % settings.eval_interval == 0 or last
+            carried = gather_carry(rows, dist) if rows is not None and at_checkpoint else None  # every rank calls it
+            if dist.main and at_checkpoint:
                 losses = evaluate(model, corpus, settings)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise TrainingError(diverged(step + 1, settings, done))
@@ -423,7 +493,7 @@ def train(
                           "batch_loss": batch_loss.item(), "elapsed_s": round(time.time() - start, 1),
                           "tokens": tokens, "tokens_per_s": round(window_tokens / window_s, 1) if window_s else 0.0,
                           **runtime}
-                checkpoint(step + 1, losses, record)
+                checkpoint(step + 1, losses, record, carried)
                 append_log(out / LOG, record)  # only once its checkpoint has committed
                 done = step + 1
                 window_tokens, window_s = 0, 0.0
@@ -515,16 +585,23 @@ def stop_on_sigterm() -> Iterator[None]:
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
 @click.option("--evaluate", "evaluate_only", is_flag=True,
               help="Only evaluate the checkpoint in --out over --eval-batches batches per split and record it.")
+@click.option("--carry", type=Bounded(BOUNDS["carry"]), default=0, show_default=True,
+              help="LMN: each row reads a stretch of this many tokens as consecutive --block windows, the state one "
+                   "window leaves (detached) starting the next, so memory levels beyond a window train (0: random "
+                   "windows from the empty state).")
+@click.option("--levels", type=Bounded(LEVELS), default=None,
+              help=f"LMN: memory levels (max_levels; level i holds 2^i tokens). Default: the preset's, or {CARRY_LEVELS} "
+                   f"with --carry (reaches 2^{CARRY_LEVELS - 1} tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
-         evaluate_only, as_json, device, precision, compiled, grad_accum):
+         evaluate_only, as_json, device, precision, compiled, grad_accum, carry, levels):
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // Distributed.env_world_size()))
     dist = Distributed()
     try:
         settings = TrainSettings(steps=steps, batch=batch, block=block, lr=lr, seed=seed,
                                  eval_interval=eval_interval, eval_batches=eval_batches, grad_accum=grad_accum,
-                                 device=device, precision=precision, compile=compiled)
+                                 device=device, precision=precision, compile=compiled, carry=carry, levels=levels)
         dist = Distributed.from_env(placement(settings, Distributed.env_local_rank()))
         check_out(out, resume, evaluate_only)
         done = int(read_meta(out)["training"].get("step", 0)) if resume else 0

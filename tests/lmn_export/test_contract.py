@@ -163,10 +163,11 @@ def test_high_start_equals_low_start_with_the_same_alignment(full_export):
 
 def test_prefill_guard(full_export):
     model = runtime.load(full_export.directory)
+    state = runtime.Stream(model).stepper.state
     with pytest.raises(ValueError, match="prefill takes 1 or more"):
-        model.prefill([])
+        model.prefill([], state)
     with pytest.raises(ValueError, match="out of range"):
-        model.prefill([TINY.vocab_size] * 20)
+        model.prefill([TINY.vocab_size] * 20, state)
 
 
 def test_parity_from_zero_reaches_the_fast_paths(full_export):

@@ -62,10 +62,14 @@ def test_replacing_an_export_needs_force_and_keeps_the_folder_mode(checkpoint, t
     umask = os.umask(0)
     os.umask(umask)
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)  # a new folder: the umask, not mkdtemp's 0700
-    (out / "model.mlpackage").mkdir()  # an earlier Core ML export the user keeps beside it
+    (out / "model.mlpackage").mkdir()  # an earlier Core ML export the user keeps beside it: never deleted
+    for options in (QUICK, ExportOptions(**{**QUICK.__dict__, "force": True})):
+        with pytest.raises(ExportError, match="holds files its lmn.json does not list"):
+            export(checkpoint, out, options)
+    assert (out / "model.mlpackage").is_dir()
+    (out / "model.mlpackage").rmdir()  # moved out by the user
     with pytest.raises(ExportError, match="already holds an lmn export; pass --force"):
         export(checkpoint, out, QUICK)
-    assert (out / "model.mlpackage").is_dir()
     os.chmod(out, 0o750)
     assert export(checkpoint, out, ExportOptions(**{**QUICK.__dict__, "force": True})).passed
     assert oct(out.stat().st_mode & 0o777) == oct(0o750)
