@@ -27,6 +27,7 @@ from .decode_speed import (
     preset_names,
 )
 from .report import MATPLOTLIB_HINT, plot, print_report, results_json
+from .reach import ReachSettings
 from .settings import (
     DEFAULT_SECTIONS,
     DEVICES,
@@ -70,6 +71,15 @@ def parse_presets(ctx, param, text: str) -> tuple[str, ...]:
         raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)} "
                                  "(comma-separated; empty to skip the section)")
     return names
+
+
+def parse_checkpoints(ctx, param, text: str) -> tuple[str, ...]:
+    """Comma-separated checkpoint folders, each one that exists (a config.json inside)."""
+    folders = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    missing = [f for f in folders if not (Path(f) / "config.json").is_file()]
+    if missing:
+        raise click.BadParameter(f"not a checkpoint folder (no config.json): {', '.join(missing)}")
+    return folders
 
 
 def parse_precisions(ctx, param, text: str) -> tuple[str, ...]:
@@ -198,6 +208,10 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
               help="Train section: tokens per sequence (a GPT-2 preset trains at most at its position table: GPT-2-128 at 256).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=3, show_default=True,
               help="Train section: timed steps per preset in each of 5 interleaved rounds.")
+@click.option("--reach-checkpoints", default="", callback=parse_checkpoints,
+              help="Reach section: checkpoint folders, comma-separated (default: the shipped LMN and GPT-2-32).")
+@click.option("--reach-tokens", type=click.IntRange(min=2, max=1 << 24), default=65536, show_default=True,
+              help="Reach section: val-split positions scored, from its start, as one stream.")
 @click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text, "
                                             "tiny training steps; options given explicitly keep their values.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=check_json_path,
@@ -206,7 +220,8 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
               help="Write PNG charts here.")
 @click.pass_context
 def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, speed_precisions,
-         sections, device, train_batch, train_block, train_steps, quick, json_path, plot_dir):
+         sections, device, train_batch, train_block, train_steps, reach_checkpoints, reach_tokens, quick, json_path,
+         plot_dir):
     """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache; with
     `--sections train`, the training throughput of LMN and GPT-2 presets of the same width."""
     if plot_dir and "decode" not in sections:
@@ -214,7 +229,8 @@ def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all
     s = Settings(threads=threads, contexts=contexts, lmn_only_contexts=lmn_contexts, tokens=tokens, reps=reps,
                  step_all=step_all, speed=SpeedSettings(presets=speed_presets, precisions=speed_precisions),
                  sections=sections,
-                 train=TrainSettings(batch=train_batch, block=train_block, steps=train_steps, device=device))
+                 train=TrainSettings(batch=train_batch, block=train_block, steps=train_steps, device=device),
+                 reach=ReachSettings(checkpoints=reach_checkpoints, tokens=reach_tokens))
     if quick:
         given = {name for name in ctx.params
                  if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}

@@ -34,6 +34,11 @@ def print_report(r: dict) -> None:
         click.echo("\nheld-out bits per character (val split):")
         for row in r["quality"]:
             click.echo(f"  {row['model']:<5} positions {row['context']:<18} {row['bpc']:.4f} bpc over {row['tokens']:,} chars")
+    if r.get("reach"):
+        click.echo("\nreach: held-out bits per character by position, one stream from the start of the val split:")
+        for row in r["reach"]:
+            bins = "  ".join(f"{b['from']}-{b['to']}: {b['bpc']:.3f}" for b in row["bins"])
+            click.echo(f"  {row['model']} ({Path(row['checkpoint']).name}, carry {row['carry']}): {bins}")
     if "train" in r:
         print_train(r)
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))

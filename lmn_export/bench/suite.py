@@ -17,7 +17,8 @@ from .decode import bench_gpt, bench_lmn, bench_ttft
 from .decode_speed import bench_decode_speed
 from .prefill import bench_prefill
 from .quality import GPT_CHECKPOINT, bench_quality, text_ids, trained_gpt_export
-from .settings import Settings, gpt_positions
+from .reach import bench_reach
+from .settings import NO_EXPORT_SECTIONS, Settings, gpt_positions
 from .speed_goals import goal_results, speed_summary
 from .timing import cycle, time_steps
 from .train import bench_train, train_ratios
@@ -38,8 +39,10 @@ def machine() -> dict:
 def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
     """Every section in `s.sections`; the export is loaded only for the sections that time it."""
     result = {"machine": machine(), "settings": dataclasses.asdict(s)}
-    if set(s.sections) - {"train"}:
+    if set(s.sections) - set(NO_EXPORT_SECTIONS):
         run_export_sections(lmn_dir, s, result, log)
+    if "reach" in s.sections:
+        result["reach"] = bench_reach(s.reach, log)
     if "train" in s.sections:
         log("training throughput")
         result["train"] = bench_train(s.train, s.threads, s.seed, log)
@@ -120,6 +123,8 @@ def summarize(r: dict) -> dict:
                            "second_vs_stepping": row["second_turn"]["second_vs_stepping"],
                            "goals_met": all(g["met"] for g in row["second_turn"]["goals"].values())}
                           for row in r["prefill"]]
+    if r.get("reach"):
+        out["reach_bpc_by_bin"] = {row["checkpoint"]: [round(b["bpc"], 4) for b in row["bins"]] for row in r["reach"]}
     if r.get("train"):
         out["train_ratio"] = train_ratios(r["train"])
     return out
