@@ -339,11 +339,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     dist: Distributed | None = None,
+    init: Path | None = None,
 ) -> dict[str, float]:
     """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses.
 
     `preset_name` None: DEFAULT_PRESET, or a resumed checkpoint's own (another one is refused). A resumed
     checkpoint already at `settings.steps` or past it trains nothing and returns the losses it recorded.
+    `init`: a new run that starts from that checkpoint's weights and vocabulary (its config, with
+    `settings.levels` if given: an LMN's weights do not depend on its number of levels), a fresh optimizer.
     """
     dist = dist or Distributed()
     device = placement(settings, dist.local_rank)
@@ -361,6 +364,12 @@ def train(
             raise ConfigError(f"--resume: the checkpoint in {out} has {levels} levels, not --levels {settings.levels}; "
                               "drop --levels, or train another --out")
         preset_name = saved or preset_name or DEFAULT_PRESET
+    elif init is not None:  # a new run from another checkpoint's weights (its vocabulary, a fresh optimizer)
+        start, vocab, start_meta = load(init)
+        preset_name = preset_name or start_meta["training"].get("preset") or DEFAULT_PRESET
+        model = build_model(with_levels(start.config, settings))  # the weights do not depend on max_levels
+        model.load_state_dict(start.state_dict())
+        model.train()
     else:
         preset_name = preset_name or DEFAULT_PRESET
         vocab = data.vocab
@@ -592,9 +601,12 @@ def stop_on_sigterm() -> Iterator[None]:
 @click.option("--levels", type=Bounded(LEVELS), default=None,
               help=f"LMN: memory levels (max_levels; level i holds 2^i tokens). Default: the preset's, or {CARRY_LEVELS} "
                    f"with --carry (reaches 2^{CARRY_LEVELS - 1} tokens).")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from this checkpoint's weights and vocabulary (e.g. to train the shipped model "
+                   "further with --carry and more --levels); a fresh optimizer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
-         evaluate_only, as_json, device, precision, compiled, grad_accum, carry, levels):
+         evaluate_only, as_json, device, precision, compiled, grad_accum, carry, levels, init):
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // Distributed.env_world_size()))
     dist = Distributed()
@@ -604,6 +616,10 @@ def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_in
                                  device=device, precision=precision, compile=compiled, carry=carry, levels=levels)
         dist = Distributed.from_env(placement(settings, Distributed.env_local_rank()))
         check_out(out, resume, evaluate_only)
+        if init is not None and (resume or evaluate_only):
+            raise ConfigError("--init starts a new run from another checkpoint; --resume and --evaluate use --out's own")
+        if init is not None:
+            read_meta(init)  # a checkpoint folder, before any work
         done = int(read_meta(out)["training"].get("step", 0)) if resume else 0
         data = open_training_data(source, vocab_kind)
         prepare_out(out)
@@ -611,7 +627,7 @@ def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_in
             if evaluate_only:
                 losses = evaluate_checkpoint(data, out, settings)
             else:
-                losses = train(data, out, preset_name, settings, resume=resume, dist=dist)
+                losses = train(data, out, preset_name, settings, resume=resume, dist=dist, init=init)
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         raise click.ClickException(str(e)) from None
     except Stopped:
