@@ -100,3 +100,18 @@ def test_levels_sets_max_levels(tmp_path, text_file):
     assert load(out)[0].config.max_levels == 13
     with pytest.raises(ConfigError):
         CarriedRows(stretch=32, block=16, batch=1, micro=1, seed=0)  # 31 // 16 = 1 window
+
+
+def test_init_starts_from_another_checkpoint_with_more_levels(tmp_path, text_file):
+    """--init takes a checkpoint's weights and vocabulary into a new run (here with 16 levels and --carry);
+    at a vanishing learning rate the weights stay the source's (negative control: a run without --init differs)."""
+    source, tuned, fresh = tmp_path / "source", tmp_path / "tuned", tmp_path / "fresh"
+    assert train("--data", str(text_file), *QUICK, "--steps", "2", "--out", str(source)).exit_code == 0
+    args = ["--data", str(text_file), *QUICK, *CARRY, "--levels", "16", "--steps", "1", "--lr", "1e-30"]
+    assert train(*args, "--init", str(source), "--out", str(tuned)).exit_code == 0
+    assert train(*args, "--out", str(fresh)).exit_code == 0
+    want, got, other = (load(p)[0] for p in (source, tuned, fresh))
+    assert want.config.max_levels == 10 and got.config.max_levels == 16
+    assert all(torch.allclose(want.state_dict()[k], got.state_dict()[k], atol=1e-12) for k in want.state_dict())
+    assert not all(torch.allclose(want.state_dict()[k], other.state_dict()[k]) for k in want.state_dict())
+    assert "--init starts a new run" in one_line_error(train(*args, "--init", str(source), "--out", str(tuned), "--resume"))
