@@ -490,3 +490,46 @@ def test_train_section_says_when_gpt2_trains_at_a_shorter_block(monkeypatch):
     report.print_report(r)
     gpt = next(line for line in lines if "gpt2-128" in line)
     assert "block   256 (its position table)" in gpt and "LMN / GPT-2 at width 128: 0.75" in gpt
+
+
+def test_reach_scores_every_position_as_stepping_does(tmp_path, corpus_text):
+    """The reach section: an LMN's loss at each position equals stepping the stream (parallel mode from each chunk's
+    carried state: 1e-4, fp32 over 5,000 positions and two chunks); a GPT-2 is scored through its sliding window;
+    bins cover the positions read. Negative control: the same GPT-2 reading a shorter window differs."""
+    import torch.nn.functional as F
+
+    from lmn_export.bench import reach
+    from lmn_export.bench.reach import ReachSettings, bench_reach, position_losses
+    from models import LMN, LMNConfig
+    from models.checkpoint import save
+    from models.data import CharVocab
+
+    vocab = CharVocab.from_text(corpus_text)
+    torch.manual_seed(0)
+    lmn = LMN(LMNConfig(vocab_size=len(vocab), n_embd=16, n_head=2, n_layer=2, n_bank=2, max_levels=14)).eval()
+    gpt = GPT(GPTConfig(vocab_size=len(vocab), n_embd=16, n_head=2, n_layer=2, block_size=64)).eval()
+    save(tmp_path / "lmn", lmn, vocab)
+    save(tmp_path / "gpt", gpt, vocab)
+    val = corpus_text[int(len(corpus_text) * 0.9):]
+    ids = np.asarray(vocab.encode(val[:301]))
+    with torch.no_grad():
+        state, stepped = lmn.init_state(1), []
+        for t in range(300):
+            logits, state = lmn.step(torch.tensor([int(ids[t])]), state)
+            stepped.append(F.cross_entropy(logits, torch.tensor([int(ids[t + 1])])).item())
+    old = reach.CHUNK
+    reach.CHUNK = 128  # three chunks over 300 positions: the carried state crosses two boundaries
+    try:
+        np.testing.assert_allclose(position_losses(lmn, ids), stepped, atol=1e-4)
+    finally:
+        reach.CHUNK = old
+    rows = bench_reach(ReachSettings(checkpoints=(str(tmp_path / "lmn"), str(tmp_path / "gpt")), tokens=600), lambda m: None)
+    assert [r["model"] for r in rows] == ["LMN, 14 levels", "GPT-2, sliding window of 64"]
+    assert [(b["from"], b["to"], b["tokens"]) for b in rows[0]["bins"]] == [(0, 512, 512), (512, 600, 88)]
+    with torch.no_grad():  # position 100 is scored by the window of positions 96..127 (cut at 101): it reads 64..100
+        window = gpt(torch.from_numpy(ids[64:101].astype(np.int64)).view(1, -1))[0, -1]
+    sliding = position_losses(gpt, ids[:102])
+    assert sliding[100] == pytest.approx(F.cross_entropy(window.view(1, -1), torch.tensor([int(ids[101])])).item(), abs=1e-4)
+    with torch.no_grad():
+        short = gpt(torch.from_numpy(ids[80:101].astype(np.int64)).view(1, -1))[0, -1]
+    assert abs(sliding[100] - F.cross_entropy(short.view(1, -1), torch.tensor([int(ids[101])])).item()) > 1e-3
