@@ -13,7 +13,7 @@ import click
 
 from models.checkpoint import CheckpointError
 from models.data import DataError
-from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, ExportOptions, export
+from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, MAX_PARITY_TOKENS, ExportOptions, export
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES
 from .validate import ValidationError
@@ -24,9 +24,7 @@ def _sizes(text: str) -> tuple[int, ...]:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise click.BadParameter("give comma-separated token counts, e.g. 64,512,4096") from None
-    if any(s < 1 for s in sizes):
-        raise click.BadParameter("prefill sizes must be positive")
-    return sizes
+    return sizes  # their range is checked once, by the export (check_options)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -57,9 +55,9 @@ def _human(n: int) -> str:
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
 @click.option("--prefill", "prefill", default=",".join(map(str, DEFAULT_PREFILL_SIZES)), show_default=True,
               help="Prefill graph sizes in tokens (empty for none).")
-@click.option("--fast-paths", type=click.IntRange(min=0), default=DEFAULT_FAST_PATHS, show_default=True,
+@click.option("--fast-paths", type=click.IntRange(min=0, max=61), default=DEFAULT_FAST_PATHS, show_default=True,
               help="LMN step graphs for tokens that re-summarize exactly 0..N-1 levels (0: none).")
-@click.option("--parity-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens streamed per parity check.")
+@click.option("--parity-tokens", type=click.IntRange(min=1, max=MAX_PARITY_TOKENS), default=512, show_default=True, help="Tokens streamed per parity check.")
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out (one holding only the files its lmn.json lists).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")

@@ -36,6 +36,9 @@ CORE_ML_MAX_LEVELS = 31  # block sizes 2^i must fit int32
 # LMN step graphs for tokens that re-summarize exactly k = 0..3 levels once the memory is full:
 # 15 of every 16 tokens (k has probability 2^-(k+1)); the rest use the general step graph.
 DEFAULT_FAST_PATHS = 4
+MAX_PARITY_TOKENS = 1_000_000  # a parity stream steps each token in PyTorch: minutes at the bound
+MAX_FAST_PATHS = 61  # a fast path per level count: max_levels <= 62
+MAX_PREFILL = 1 << 16  # prefill graph sizes: a (size, vocab) logits tensor and the slot layout stay in memory
 FAST_PATH_REACH_CAP = 4096  # longest stream from pointer 0 the fast-path check runs (max_levels <= 12 reach a fast path)
 
 
@@ -74,6 +77,11 @@ class _ParityFailed(Exception):
         self.result = result
 
 
+def whole_in(value, low: int, high: int) -> bool:
+    """A whole number (not a bool) in [low, high]."""
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+
 def check_options(options: ExportOptions) -> None:
     """Every option in range before any work: a one-line ExportError that says what is allowed."""
     unknown = set(options.targets) - set(TARGETS)
@@ -84,12 +92,12 @@ def check_options(options: ExportOptions) -> None:
                           f"{MIN_OPSET} or newer; onnxruntime here runs up to {MAX_OPSET}), got {options.opset!r}")
     if options.atol is not None and not (math.isfinite(options.atol) and options.atol >= 0):
         raise ExportError(f"--atol must be a finite number >= 0, got {options.atol!r}")
-    if options.parity_tokens < 1:
-        raise ExportError("--parity-tokens must be at least 1")
-    if options.fast_paths < 0:
-        raise ExportError("--fast-paths must be >= 0")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in options.prefill_sizes):
-        raise ExportError(f"--prefill sizes must be whole numbers >= 1, got {options.prefill_sizes!r}")
+    if not whole_in(options.parity_tokens, 1, MAX_PARITY_TOKENS):
+        raise ExportError(f"--parity-tokens must be in 1..{MAX_PARITY_TOKENS:,}, got {excerpt(options.parity_tokens)}")
+    if not whole_in(options.fast_paths, 0, MAX_FAST_PATHS):
+        raise ExportError(f"--fast-paths must be in 0..{MAX_FAST_PATHS}, got {excerpt(options.fast_paths)}")
+    if not isinstance(options.prefill_sizes, (tuple, list)) or not all(whole_in(n, 1, MAX_PREFILL) for n in options.prefill_sizes):
+        raise ExportError(f"--prefill sizes must be whole numbers in 1..{MAX_PREFILL:,}, got {excerpt(options.prefill_sizes)}")
     check_quantize(options)
 
 

@@ -125,14 +125,14 @@ class Chat:
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Continue this text and exit (non-interactive).")
-@click.option("--max-tokens", type=click.IntRange(min=0), default=300, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=0, max=10**9), default=300, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest tokens (k >= 1).")
+@click.option("--top-k", type=click.IntRange(min=1, max=2**31 - 1), default=None, help="Sample from the k likeliest tokens (k >= 1).")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this mass, in (0, 1].")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**64 - 1), default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, default=["\n\n"], show_default=True,
               help="End a reply after this text (repeatable; '' for none).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "coreml"]), default="onnxruntime", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Which of the export's ONNX graph sets to run (int8, int4, dynamic-int8: an export made with "

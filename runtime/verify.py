@@ -19,7 +19,7 @@ from .model import BACKENDS, PRECISIONS
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
               help="Check only these precisions (repeatable); default: every precision the vectors cover.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def main(directory, backend, precisions, threads, as_json):
     """Check that this runtime reproduces DIRECTORY's conformance.json (the shipped export when omitted).

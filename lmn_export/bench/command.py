@@ -182,14 +182,14 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
 
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
               help="onnxruntime intra-op threads (and torch threads of the train section on the CPU).")
 @click.option("--contexts", default="1024,4096,16384,65536", show_default=True, callback=parse_contexts,
               help="Shared contexts (comma-separated token counts).")
 @click.option("--lmn-contexts", default="1048576", show_default=True, callback=parse_contexts,
               help="Extra LMN-only contexts (comma-separated; empty for none).")
-@click.option("--tokens", type=click.IntRange(min=1), default=90, show_default=True, help="Timed tokens per repetition.")
-@click.option("--reps", type=click.IntRange(min=1), default=10, show_default=True, help="Repetitions.")
+@click.option("--tokens", type=click.IntRange(min=1, max=10**6), default=90, show_default=True, help="Timed tokens per repetition.")
+@click.option("--reps", type=click.IntRange(min=1, max=10**4), default=10, show_default=True, help="Repetitions.")
 @click.option("--step-all", is_flag=True, help="Reach LMN-only contexts by stepping too (1M tokens: minutes).")
 @click.option("--speed-presets", default=",".join(SpeedSettings().presets), show_default=True, callback=parse_presets,
               help=f"Presets for the decode-speed section (comma-separated; '{EXPORT_PRESET}': the export benchmarked, "
@@ -203,10 +203,10 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
                    "LMN and GPT-2 presets, not run by default; it needs no export).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, callback=check_device,
               help="Device of the train section (auto: cuda, else mps, else cpu).")
-@click.option("--train-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Train section: batch size.")
-@click.option("--train-block", type=click.IntRange(min=2), default=512, show_default=True,
+@click.option("--train-batch", type=click.IntRange(min=1, max=4096), default=16, show_default=True, help="Train section: batch size.")
+@click.option("--train-block", type=click.IntRange(min=2, max=1 << 16), default=512, show_default=True,
               help="Train section: tokens per sequence (a GPT-2 preset trains at most at its position table: GPT-2-128 at 256).")
-@click.option("--train-steps", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--train-steps", type=click.IntRange(min=1, max=10**4), default=3, show_default=True,
               help="Train section: timed steps per preset in each of 5 interleaved rounds.")
 @click.option("--reach-checkpoints", default="", callback=parse_checkpoints,
               help="Reach section: checkpoint folders, comma-separated (default: the shipped LMN and GPT-2-32).")
