@@ -20,7 +20,7 @@ try:
 except (runtime.ManifestError, runtime.BackendError) as e:  # no export there, no Core ML graph, no coremltools
     sys.exit(f"coreml_stream.py: {e}")
 stream = runtime.Stream(model)
-stream.feed("JULIET:\n")  # Core ML has no prefill graph here: every token is a step
+stream.feed("JULIET:\n")  # the runtime's Core ML backend steps every token (prefill_<N>.mlpackage is for apps)
 for char in stream.generate(300, temperature=0.8, seed=1):
     print(char, end="", flush=True)
 print(f"\n\n{stream.tokens_seen} tokens, {stream.tokens_per_second:,.0f} tokens/s on Core ML")
