@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
+from .backends import ORT_DTYPES, BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
 from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name, state_input
 from .vocab import Vocab, make_vocab
 
@@ -91,10 +91,15 @@ class ExportedModel:
             # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
             self.fast_path_graphs = {g["levels"]: g for g in manifest.graphs("onnx", "step_levels", precision)}
             self.fast_paths = {k: self._session(g) for k, g in self.fast_path_graphs.items()}
-        # prefill: per size, this precision's graph where the export has one, else the fp32 one
-        prefill = {g["size"]: g for g in manifest.graphs("onnx", "prefill", "fp32")}
-        prefill.update({g["size"]: g for g in manifest.graphs("onnx", "prefill", precision)})
-        self.prefill_graphs = [prefill[size] for size in sorted(prefill)] if backend == "onnxruntime" else []
+        # prefill: per size, this precision's graph where the export has one, else the fp32 one (Core ML: the
+        # graphs of the step's own precision, fp32 or fp16 compute)
+        if backend == "coreml":
+            prefill = {g["size"]: g for g in manifest.graphs("coreml", "prefill")
+                       if precision_of(g) == precision_of(self.step_graph)}
+        else:
+            prefill = {g["size"]: g for g in manifest.graphs("onnx", "prefill", "fp32")}
+            prefill.update({g["size"]: g for g in manifest.graphs("onnx", "prefill", precision)})
+        self.prefill_graphs = [prefill[size] for size in sorted(prefill)]
         # the largest input pointer every step graph this model runs supports (their `pointer_max`)
         self.pointer_max = min(int(g["pointer_max"]) for g in [self.step_graph, *self.fast_path_graphs.values()])
         self.pointer_input = state_input(self.step_graph, "pointer")  # the step graph's input carrying the pointer
@@ -150,19 +155,28 @@ class ExportedModel:
         graph = self.prefill_graph(len(ids))
         size, used = graph["size"], min(len(ids), graph["size"])
         with self._lock:
-            session = self._prefill_sessions.get(size)
-            if session is None:
-                session = self._prefill_sessions[size] = self._session(graph)
-        rule = self.manifest.data["prefill"]
-        tokens = np.full((1, size), rule["padding_id"], dtype=np.int64)
-        tokens[0, :used] = ids[:used]
-        inputs = {role_name(graph["inputs"], "tokens"): tokens,
-                  role_name(graph["inputs"], "length"): np.array([used], dtype=np.int64),
-                  **{pair["input"]: state[state_input(self.step_graph, pair["tensor"])] for pair in graph["state"]}}
-        names = [role_name(graph["outputs"], "logits"), *(pair["output"] for pair in graph["state"])]
-        logits, *states = session.run(names, inputs)
-        after = {state_input(self.step_graph, pair["tensor"]): value for pair, value in zip(graph["state"], states)}
-        return used, logits[0], after, graph["file"]
+            run = self._prefill_sessions.get(size)
+            if run is None:
+                run = self._prefill_sessions[size] = self._prefill_runner(graph)
+        dtypes = {t["name"]: ORT_DTYPES[t["dtype"]] for t in graph["inputs"]}
+        tokens, length = role_name(graph["inputs"], "tokens"), role_name(graph["inputs"], "length")
+        inputs = {tokens: np.full((1, size), self.manifest.data["prefill"]["padding_id"], dtype=dtypes[tokens]),
+                  length: np.array([used], dtype=dtypes[length]),
+                  **{pair["input"]: np.asarray(state[state_input(self.step_graph, pair["tensor"])], dtype=dtypes[pair["input"]])
+                     for pair in graph["state"]}}
+        inputs[tokens][0, :used] = ids[:used]
+        out = run(inputs)
+        after = {state_input(self.step_graph, pair["tensor"]): out[pair["output"]] for pair in graph["state"]}
+        return used, np.asarray(out[role_name(graph["outputs"], "logits")], dtype=np.float32)[0], after, graph["file"]
+
+    def _prefill_runner(self, graph: dict):
+        """inputs -> outputs (dicts by name) of a prefill graph: an onnxruntime session, or Core ML's MLModel (macOS)."""
+        if self.backend == "coreml":
+            mlmodel = load_coreml_model(str(self.directory / graph["file"]))
+            return lambda inputs: mlmodel.predict(inputs)
+        session = self._session(graph)
+        names = [o.name for o in session.get_outputs()]
+        return lambda inputs: dict(zip(names, session.run(names, inputs)))
 
 
 def load(directory: Path | str | None = None, threads: int = 1, backend: str = "onnxruntime",

@@ -88,7 +88,10 @@ def test_node_client_passes_a_fresh_export(export_dir):
     done = verify(export_dir)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert sum(line.startswith("ok ") for line in lines) == 5 and lines[-1].startswith("5 of 5 cases passed"), done.stdout
+    count = len(json.loads((export_dir / "conformance.json").read_text(encoding="utf-8"))["cases"])
+    assert count == 6  # fp32: empty into the fast paths, prompt, prefill mid-stream, across 2^31, pointer.max, batched
+    assert sum(line.startswith("ok ") for line in lines) == count and lines[-1].startswith(f"{count} of {count} cases passed"), \
+        done.stdout
 
 
 @pytest.mark.parametrize("tamper", ["logit", "greedy id"])

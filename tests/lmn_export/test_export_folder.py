@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -178,6 +179,27 @@ def test_coreml_backend_loads_the_graph_of_the_precision_asked_for(full_export, 
     assert loaded == [str(full_export.directory / want[0])] and model.step_graph["file"] == want[0]
     with pytest.raises(ValueError, match="dynamic-int8 is an ONNX graph set"):
         runtime.load(full_export.directory, backend="coreml", precision="dynamic-int8")
+
+
+def test_coreml_backend_prefills_from_any_state(full_export, monkeypatch):
+    """A Core ML-backend stream prefills every long chunk through the export's Core ML prefill graph, from the stream's
+    state, and matches the ONNX stream (1e-4: two fp32 runtimes, each within the export's 1e-4 gate of PyTorch).
+    MLModel runs on macOS only: here each .mlpackage runs through its saved MIL program (coreml_run)."""
+    import runtime
+    import runtime.model
+    from lmn_export.coreml_run import load_coreml
+
+    monkeypatch.setattr(runtime.model, "load_coreml_model", lambda path: load_coreml(path)[0])
+    coreml, onnx = runtime.load(full_export.directory, backend="coreml"), runtime.load(full_export.directory)
+    ids = [i * 7 % TINY.vocab_size for i in range(70)]
+    streams = [runtime.Stream(coreml), runtime.Stream(onnx)]
+    for stream in streams:
+        stream.feed_ids(ids[:5])  # stepped
+        stream.feed_ids(ids[5:35])  # mid-stream, at pointer 5: 24 prefilled, 6 stepped
+        stream.feed_ids(ids[35:])  # pointer 35: 24 prefilled, then 11 (< 16) stepped
+    assert streams[0].graph_calls == {"prefill_24.mlpackage": 2, "model.mlpackage": 5 + 6 + 11}
+    np.testing.assert_allclose(streams[0].logits, streams[1].logits, atol=1e-4)
+    np.testing.assert_allclose(streams[0].stepper.state["memory"], streams[1].stepper.state["memory"], atol=1e-4)
 
 
 def test_coreml_backend_refuses_to_run_off_macos(full_export):
