@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import ORT_DTYPES, BackendError, CoreMLStepper, FastPathRule, OnnxStepper, load_coreml_model
+from .backends import ORT_DTYPES, BackendError, CoreMLStepper, FastPathRule, OnnxStepper, empty_state, load_coreml_model
 from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name, state_input
 from .vocab import Vocab, make_vocab
 
@@ -143,7 +143,7 @@ class ExportedModel:
 
         Uses `prefill_graph(len(ids))`: all of `ids`, or the first `max_prefill` of a longer run. Returns
         (tokens consumed, logits (V,), the state after them, graph file). The graph cannot check `length`
-        (1..size) or the token ids: they are checked here first; the caller checks the pointer bound.
+        (1..size), the token ids or the state: they are checked here first (a ValueError, nothing run).
         """
         if not self.prefill_graphs:
             raise ManifestError(f"{self.directory} has no prefill graph")
@@ -154,6 +154,7 @@ class ExportedModel:
                              f"out of range: {bad[:5]}")
         graph = self.prefill_graph(len(ids))
         size, used = graph["size"], min(len(ids), graph["size"])
+        self.check_state(state, used)
         with self._lock:
             run = self._prefill_sessions.get(size)
             if run is None:
@@ -168,6 +169,23 @@ class ExportedModel:
         out = run(inputs)
         after = {state_input(self.step_graph, pair["tensor"]): out[pair["output"]] for pair in graph["state"]}
         return used, np.asarray(out[role_name(graph["outputs"], "logits")], dtype=np.float32)[0], after, graph["file"]
+
+    def check_state(self, state: dict[str, np.ndarray], count: int) -> None:
+        """`state` is one stream's state of this model (the step graph's state inputs: names, batch-1 shapes, dtypes)
+        from which `count` more tokens fit under `pointer_max`; a one-line ValueError otherwise."""
+        want = empty_state(self.step_graph)
+        if not isinstance(state, dict) or set(state) != set(want):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"a starting state holds the arrays {sorted(want)} (the step graph's state inputs), got {got}")
+        for name, empty in want.items():
+            value = state[name]
+            if not isinstance(value, np.ndarray) or value.shape != empty.shape or value.dtype != empty.dtype:
+                got = (value.shape, str(value.dtype)) if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"the starting state's {name} must be {empty.dtype} of shape {empty.shape}, got {got}")
+        pointer = int(state[self.pointer_input][0])
+        if not 0 <= pointer <= self.pointer_max - count + 1:
+            raise ValueError(f"the starting pointer {pointer} is outside [0, {self.pointer_max - count + 1}] "
+                             f"({count} tokens must end at or below pointer_max {self.pointer_max})")
 
     def _prefill_runner(self, graph: dict):
         """inputs -> outputs (dicts by name) of a prefill graph: an onnxruntime session, or Core ML's MLModel (macOS)."""

@@ -433,7 +433,7 @@ def test_page_continues_a_prompt_as_the_python_runtime_does(which, serve, reques
 
 def escaping_copy(export_dir: Path, tmp_path: Path, escape: str) -> Path:
     """A copy whose step graph is named `escape` (resealed): a path that leaves the folder."""
-    from runtime.manifest import seal
+    from runtime.manifest import manifest_text
 
     copy = tmp_path / "copy"
     shutil.copytree(export_dir, copy)
@@ -445,7 +445,7 @@ def escaping_copy(export_dir: Path, tmp_path: Path, escape: str) -> Path:
     escape = str(tmp_path / "outside.onnx") if escape == "ABSOLUTE" else escape
     data["files"][escape] = data["files"].pop(step["file"])
     step["file"] = escape
-    (copy / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    (copy / "lmn.json").write_text(manifest_text(data), encoding="utf-8")  # sealed as the exporter writes it
     return copy
 
 

@@ -168,6 +168,23 @@ def test_prefill_guard(full_export):
         model.prefill([], state)
     with pytest.raises(ValueError, match="out of range"):
         model.prefill([TINY.vocab_size] * 20, state)
+    pointer = model.pointer_input
+    bad_states = [
+        {k: v for k, v in state.items() if k != pointer},  # an array missing
+        {**state, "memory": state["memory"][..., :-1]},  # a shape
+        {**state, "memory": np.repeat(state["memory"], 2, axis=0)},  # a batch
+        {**state, "memory": state["memory"].astype(np.float64)},  # a dtype
+        {**state, pointer: np.array([-1], dtype=np.int64)},  # a negative pointer
+        {**state, pointer: np.array([model.pointer_max - 18], dtype=np.int64)},  # 20 tokens pass pointer_max
+    ]
+    for bad in bad_states:
+        before = {k: np.array(v) for k, v in bad.items()}
+        with pytest.raises(ValueError, match="starting") as error:
+            model.prefill([1] * 20, bad)
+        assert "\n" not in str(error.value)
+        assert all(np.array_equal(before[k], bad[k]) for k in bad)  # nothing changed
+    used, logits, after, _ = model.prefill([1] * 20, {**state, pointer: np.array([model.pointer_max - 19], dtype=np.int64)})
+    assert used == 20 and int(after[pointer][0]) == model.pointer_max + 1  # exactly fits: the last token at pointer_max
 
 
 def test_parity_from_zero_reaches_the_fast_paths(full_export):

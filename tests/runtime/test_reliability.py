@@ -440,7 +440,7 @@ def test_chat_stop_applies_to_prompt_and_stdin(export_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "nan"], "temperature"), (["--temperature", "-1"], "temperature"),
-    (["--seed", "-1"], "--seed"), (["--top-k", "0"], "top_k"), (["--top-p", "2"], "top_p"),
+    (["--seed", "-1"], "--seed"), (["--top-k", "0"], "--top-k"), (["--top-p", "2"], "top_p"),
     (["--threads", "0"], "--threads"), (["--precision", "int2"], "--precision"),
     (["--precision", "int4"], "has no int4 ONNX graphs (it has fp32); re-export with lmn-export --quantize int4"),
 ])
