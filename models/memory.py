@@ -163,6 +163,16 @@ def small_floor_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
     return torch.div(x, divisor, rounding_mode="floor").to(torch.int32).to(torch.int64)
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of each batch row by its own index: x (B, N, ...), index (B, M) in [0, N) -> (B, M, ...).
+
+    One gather of whole rows from the flattened batch (an ONNX Gather with a (B*M,) index), not a
+    gather of elements through a full-size expanded index."""
+    B, N = x.shape[0], int(x.shape[1])
+    flat = index + torch.arange(B, device=index.device).view(-1, 1) * N  # (B, M)
+    return x.flatten(0, 1).index_select(0, flat.flatten()).unflatten(0, (B, -1))
+
+
 def clamp_index(index: torch.Tensor, most: int) -> torch.Tensor:
     """An int64 index clamped to [0, most], in integers (Core ML converts `clamp` through float)."""
     zeros = torch.zeros_like(index)
@@ -323,10 +333,9 @@ class LogMemory(nn.Module):
             pieces = [zeros[:, :1, 0], h, zeros[:, : P - T - 1, 0]]  # level 0
             pieces += [torch.cat([nodes, zeros[:, :pad]], dim=1).flatten(1, 2) for nodes, pad in zip(levels, pads)]
             return torch.cat(pieces, dim=1)
-        pieces = [F.pad(h, (0, 0, 1, 1)).gather(1, start.rows.unsqueeze(-1).expand(B, P, E))]  # level 0: (B, P, E)
+        pieces = [take_rows(F.pad(h, (0, 0, 1, 1)), start.rows)]  # level 0: (B, P, E)
         for i, (nodes, entry) in enumerate(zip(levels, start.chunked), start=1):  # region row e: entry e - offset // 2^i
-            index = clamp_index(entry, int(nodes.shape[1]) - 1).view(B, -1, 1, 1).expand(-1, -1, KX, E)
-            pieces.append(nodes.gather(1, index).flatten(1, 2))  # (B, P/2^i * KX, E)
+            pieces.append(take_rows(nodes, clamp_index(entry, int(nodes.shape[1]) - 1)).flatten(1, 2))  # (B, P/2^i * KX, E)
         pieces += [nodes.flatten(1, 2) for nodes in levels[layout.chunked :]]  # repeated levels: all entries
         return torch.cat(pieces, dim=1)
 
@@ -337,8 +346,7 @@ class LogMemory(nn.Module):
         if start is None:  # row r = position r - 1
             rows = F.pad(x.transpose(1, 2), (0, 0, 1, layout.rows - layout.length - 1))  # (B, H, P, D)
         else:
-            B, _, H, D = x.shape
-            rows = F.pad(x, (0, 0, 0, 0, 1, 1)).gather(1, start.rows.view(B, -1, 1, 1).expand(-1, -1, H, D)).transpose(1, 2)
+            rows = take_rows(F.pad(x, (0, 0, 0, 0, 1, 1)), start.rows).transpose(1, 2)  # (B, P, H, D) -> (B, H, P, D)
         return rows.unflatten(2, (-1, layout.chunk))
 
     @staticmethod
@@ -353,8 +361,7 @@ class LogMemory(nn.Module):
         regions = table.split(layout.regions, dim=1)
         slots = [region.unflatten(1, (chunks, -1)) for region in regions[: 1 + layout.chunked]]  # (B, P/C, n, H, D)
         if start is not None and start.repeated is not None:
-            index = start.repeated.view(*start.repeated.shape, 1, 1).expand(-1, -1, *table.shape[2:])
-            slots.append(regions[-1].gather(1, index).unflatten(1, (chunks, -1)))
+            slots.append(take_rows(regions[-1], start.repeated).unflatten(1, (chunks, -1)))
         elif layout.repeated is not None:
             slots.append(regions[-1].index_select(1, layout.repeated).unflatten(1, (chunks, -1)))
         return torch.cat([s.permute(0, 3, 1, 2, 4) for s in slots], dim=3)  # (B, H, P/C, W, D)
@@ -365,8 +372,7 @@ class LogMemory(nn.Module):
         rows = chunked.flatten(2, 3)  # (B, H, P, D)
         if start is None:
             return rows[:, :, 1 : layout.length + 1].transpose(1, 2)
-        B, H, _, D = rows.shape
-        return rows.gather(2, start.tokens.view(B, 1, -1, 1).expand(-1, H, -1, D)).transpose(1, 2)
+        return take_rows(rows.transpose(1, 2), start.tokens)  # (B, P, H, D) -> (B, T, H, D)
 
     def nodes_at(self, h: torch.Tensor, tree: list[torch.Tensor], position: torch.Tensor,
                  start: WindowStart | None = None) -> torch.Tensor:
