@@ -109,9 +109,11 @@ def expected_case(model: runtime.ExportedModel, plan: dict, precision: str) -> d
     return case
 
 
-def write_conformance(directory: Path, text_ids: list[int], progress=lambda message: None) -> dict:
-    """Write conformance.json for every ONNX precision in `directory`, check it with the runtime, and
-    return the manifest's `conformance` field. Raises ValidationError-like RuntimeError when the
+def write_conformance(directory: Path, text_ids: list[int], progress=lambda message: None,
+                      other_cpus: bool = False) -> dict:
+    """Write conformance.json for every ONNX precision in `directory`, check it with the runtime (and,
+    with `other_cpus`, on the emulated CPU classes of lmn_export.cpu_check), and return the manifest's
+    `conformance` field. Raises ValidationError-like RuntimeError when the
     runtime does not reproduce its own vectors (a nondeterministic graph)."""
     manifest = runtime.read_manifest(directory)
     cases = []
@@ -129,4 +131,9 @@ def write_conformance(directory: Path, text_ids: list[int], progress=lambda mess
     failed = [r for r in conformance.verify(directory) if not r.passed]
     if failed:
         raise RuntimeError(f"the runtime does not reproduce its own conformance vectors: {failed[0]}")
-    return {"file": conformance.FILE, "verify": "lmn-verify DIR (see conformance.json 'about')"}
+    field = {"file": conformance.FILE, "verify": "lmn-verify DIR (see conformance.json 'about')"}
+    if other_cpus:
+        from .cpu_check import check_other_cpus
+
+        field["other_cpus"] = check_other_cpus(directory, progress)
+    return field
