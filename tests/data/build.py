@@ -1,0 +1,49 @@
+"""Rebuild the small exports committed as test data, so that the runtime's tests need no torch:
+
+    python -m tests.data.build        # from the repository root, with the [export] install
+
+`tiny/` and `other/`: tiny LMN checkpoints (16 wide, 2 layers, max_levels 8; seeds 0 and 1) exported
+to ONNX (step, fast paths, one 32-token prefill graph; fp32) with conformance vectors. Rebuild them
+when the exporter changes what it writes (tests/conftest.py fails with this command when the
+runtime no longer reads them)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EXPORTS = {"tiny": 0, "other": 1}  # folder -> torch seed
+
+
+def make_export(root: Path, name: str, seed: int) -> Path:
+    """A tiny LMN checkpoint exported to ONNX (step + one 32-token prefill graph) under root/name."""
+    import torch
+
+    from lmn_export.export import ExportOptions, export
+    from lmn_export.parity_text import SAMPLE
+    from models import LMN, LMNConfig
+    from models.checkpoint import save
+    from models.data import CharVocab
+
+    vocab = CharVocab.from_text(SAMPLE)
+    torch.manual_seed(seed)
+    model = LMN(LMNConfig(vocab_size=len(vocab), n_embd=16, n_head=2, n_layer=2, n_bank=2, max_levels=8)).eval()
+    save(root / f"{name}-ckpt", model, vocab)
+    result = export(root / f"{name}-ckpt", root / name, ExportOptions(prefill_sizes=(32,), parity_tokens=40))
+    assert result.passed
+    return result.directory
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, seed in EXPORTS.items():
+            built = make_export(Path(tmp), name, seed)
+            shutil.rmtree(HERE / name, ignore_errors=True)
+            shutil.copytree(built, HERE / name)
+            print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()
