@@ -93,3 +93,19 @@ def test_node_judge_agrees_with_python():
     got = json.loads(done.stdout)
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert np.allclose([g[2] for g in got], [e[2] for e in expected])
+
+
+# ---- dynamic-int8 graphs with int8 weights (wrong on x86 without VNNI and on Arm SME) are refused ----
+
+@pytest.mark.parametrize("weights, refused", [("int8", True), ("uint8, per output channel", False)])
+def test_dynamic_int8_with_int8_weights_is_refused_in_one_line(weights, refused):
+    from runtime.manifest import ManifestError
+    from runtime.model import refuse_saturating_weights
+
+    graph = {"name": "step", "precision": "dynamic-int8", "quantization": {"kind": "dynamic", "bits": 8, "weights": weights}}
+    if not refused:  # negative control: what lmn-export writes now loads
+        refuse_saturating_weights(Path("export"), graph)
+        return
+    with pytest.raises(ManifestError, match="int8 weights.*re-export with this lmn's lmn-export") as error:
+        refuse_saturating_weights(Path("export"), graph)
+    assert "\n" not in str(error.value)
