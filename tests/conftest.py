@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,3 +59,20 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def other_export_dir(tmp_path_factory):
     return committed_export(tmp_path_factory, "other")
+
+
+# Under qemu-user without binfmt_misc (.ci/edge-cpus sets LMN_TEST_EMULATED to say so) the emulated
+# interpreter cannot start child processes (its binary is not the host's: ENOEXEC) nor open a pty:
+# a test that needs one is reported as skipped with that reason, never as passed.
+EMULATED = os.environ.get("LMN_TEST_EMULATED")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo.value if call.excinfo is not None else None
+    if EMULATED and isinstance(error, OSError) and (error.errno == errno.ENOEXEC or "out of pty devices" in str(error)):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: needs a child process or a pty, "
+                                                                     f"which {EMULATED} cannot start")

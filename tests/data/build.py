@@ -1,6 +1,8 @@
 """Rebuild the small exports committed as test data, so that the runtime's tests need no torch:
 
     python -m tests.data.build        # from the repository root, with the [export] install
+    python -m tests.data.build --quantized DIR   # not test data: a fresh tiny export with every
+                                                 # precision, its vectors also run under qemu Haswell
 
 `tiny/` and `other/`: tiny LMN checkpoints (16 wide, 2 layers, max_levels 8; seeds 0 and 1) exported
 to ONNX (step, fast paths, one 32-token prefill graph; fp32) with conformance vectors. Rebuild them
@@ -9,7 +11,10 @@ runtime no longer reads them)."""
 
 from __future__ import annotations
 
+import json
+import platform
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 EXPORTS = {"tiny": 0, "other": 1}  # folder -> torch seed
 
 
-def make_export(root: Path, name: str, seed: int) -> Path:
+def make_export(root: Path, name: str, seed: int, quantize: tuple[str, ...] = (), other_cpus: bool = False) -> Path:
     """A tiny LMN checkpoint exported to ONNX (step + one 32-token prefill graph) under root/name."""
     import torch
 
@@ -31,12 +36,23 @@ def make_export(root: Path, name: str, seed: int) -> Path:
     torch.manual_seed(seed)
     model = LMN(LMNConfig(vocab_size=len(vocab), n_embd=16, n_head=2, n_layer=2, n_bank=2, max_levels=8)).eval()
     save(root / f"{name}-ckpt", model, vocab)
-    result = export(root / f"{name}-ckpt", root / name, ExportOptions(prefill_sizes=(32,), parity_tokens=40))
+    result = export(root / f"{name}-ckpt", root / name, ExportOptions(prefill_sizes=(32,), parity_tokens=40,
+                                                                               quantize=quantize, other_cpus=other_cpus))
     assert result.passed
     return result.directory
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--quantized"] and len(sys.argv) == 3:
+        out = Path(sys.argv[2])
+        with tempfile.TemporaryDirectory() as tmp:
+            built = make_export(Path(tmp), out.name, 0, ("int8", "int4", "dynamic-int8"), other_cpus=True)
+            shutil.copytree(built, out)
+        checked = json.loads((out / "lmn.json").read_text(encoding="utf-8"))["conformance"]["other_cpus"]
+        print(f"wrote {out}; its conformance vectors on other CPUs: {checked}")
+        if any("skipped" in c for c in checked) and platform.machine() == "x86_64":
+            sys.exit("the export's check on x86 without VNNI was skipped: install qemu-user")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name, seed in EXPORTS.items():
             built = make_export(Path(tmp), name, seed)
