@@ -37,8 +37,9 @@ Judging a case, with `tolerances[precision]` (a runtime's own outputs, never ano
 Tolerances: fp32 2e-4 (the export gates every graph at 1e-4 from PyTorch); quantized graphs 1.0
 (their int8 activation kernels round differently per implementation: x86 AVX2 or VNNI, ARM NEON
 with or without dot product, WebAssembly); min_argmax_agreement 1.0; batch_atol 1e-5 (a row run
-alone and in a batch by the same kernels gives the same numbers). Cases run at least 100 steps,
-except prefill-mid-stream (45 steps and two chunks: its point is where the chunks start).
+alone and in a batch by the same kernels gives the same numbers). An LMN export's cases run at
+least 100 steps, except prefill-mid-stream (45 steps and two chunks: its point is where the chunks
+start).
 """
 
 from __future__ import annotations

@@ -78,3 +78,34 @@ def test_negative_control_int8_weights_differ_without_vnni(tmp_path):
     quantize_dynamic(str(DEFAULT_EXPORT / "model.onnx"), str(tmp_path / "s8.onnx"), weight_type=QuantType.QInt8)
     here, haswell = logits_here_and_on_haswell(tmp_path / "s8.onnx", tmp_path)
     assert np.abs(here - haswell).max() > 1.0
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_the_exports_check_on_haswell_fails_a_case_that_fails_there(export_dir, tmp_path, tampered):
+    """lmn_export.cpu_check runs lmn-verify under qemu Haswell: the committed tiny export passes there
+    (its 6 fp32 cases), and the same folder with one expected argmax shifted at a wide margin
+    fails the check with one line naming the case (the gate's negative control)."""
+    import json
+    import shutil
+
+    from lmn_export.cpu_check import check_other_cpus
+    from lmn_export.validate import ValidationError
+    from runtime.manifest import file_digest, file_size, manifest_text
+
+    folder = tmp_path / "export"
+    shutil.copytree(export_dir, folder)
+    if tampered:
+        data = json.loads((folder / "conformance.json").read_text(encoding="utf-8"))
+        case, atol = data["cases"][0], data["tolerances"][data["cases"][0]["precision"]]["logits_atol"]
+        step = next(s for s, m in enumerate(case["argmax_margins"]) if m > 2 * atol)
+        case["argmax"][step] = (case["argmax"][step] + 1) % len(case["logits"]["0"])
+        (folder / "conformance.json").write_text(json.dumps(data), encoding="utf-8")
+        manifest = json.loads((folder / "lmn.json").read_text(encoding="utf-8"))
+        manifest["files"]["conformance.json"].update(sha256=file_digest(folder / "conformance.json"),
+                                                     bytes=file_size(folder / "conformance.json"))
+        (folder / "lmn.json").write_text(manifest_text(manifest), encoding="utf-8")
+        with pytest.raises(ValidationError, match=f"fail on x86-64 AVX2, no VNNI.*{case['name']}") as error:
+            check_other_cpus(folder)
+        assert "\n" not in str(error.value)
+    else:
+        assert check_other_cpus(folder) == [{"cpu": next(iter(EMULATED)), "passed": True, "cases": 6}]
