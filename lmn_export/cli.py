@@ -121,6 +121,9 @@ def print_summary(result) -> None:
         status = "ok  " if r.passed else "FAIL"
         gaps = ", ".join(f"{o.name} {o.max_abs_diff:.2g} (<= {o.atol:g})" for o in r.outputs)
         click.echo(f"  {status} {r.graph:<30} {r.tokens} tokens x {r.batch} rows via {r.runner}: {gaps}")
+    for cpu in m.get("conformance", {}).get("other_cpus", []):  # lmn_export.cpu_check
+        done = f"{cpu['cases']} cases passed" if cpu.get("passed") else f"not checked: {cpu.get('skipped')}"
+        click.echo(f"conformance vectors on {cpu['cpu']}: {done}")
 
 
 if __name__ == "__main__":
