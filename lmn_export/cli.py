@@ -60,14 +60,17 @@ def _human(n: int) -> str:
 @click.option("--parity-tokens", type=click.IntRange(min=1, max=MAX_PARITY_TOKENS), default=512, show_default=True, help="Tokens streamed per parity check.")
 @click.option("--text", type=str, default=None, help="Parity text file or URL (default: a built-in Hamlet sample).")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out (one holding only the files its lmn.json lists).")
+@click.option("--other-cpus/--no-other-cpus", default=True, show_default=True,
+              help="Also run the conformance vectors under qemu-x86_64 -cpu Haswell (x86 without VNNI) when qemu is installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def main(checkpoint, target, out, precision, quantize, quant_block, opset, stateful, atol, prefill, fast_paths,
-         parity_tokens, text, force, as_json):
+         parity_tokens, text, force, other_cpus, as_json):
     """Export CHECKPOINT (default: the shipped model) as a stateful single-step graph, with parity."""
     targets = ("onnx", "coreml") if target == "all" else (target,)
     options = ExportOptions(targets=targets, precision=precision, quantize=_names(quantize), quant_block=quant_block,
                             opset=opset, stateful=stateful, atol=atol, prefill_sizes=_sizes(prefill),
-                            fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force)
+                            fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force,
+                            other_cpus=other_cpus)
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     try:
         with stop_on_signals():
@@ -116,6 +119,9 @@ def print_summary(result) -> None:
         status = "ok  " if r.passed else "FAIL"
         gaps = ", ".join(f"{o.name} {o.max_abs_diff:.2g} (<= {o.atol:g})" for o in r.outputs)
         click.echo(f"  {status} {r.graph:<30} {r.tokens} tokens x {r.batch} rows via {r.runner}: {gaps}")
+    for cpu in m.get("conformance", {}).get("other_cpus", []):  # lmn_export.cpu_check
+        done = f"{cpu['cases']} cases passed" if cpu.get("passed") else f"not checked: {cpu.get('skipped')}"
+        click.echo(f"conformance vectors on {cpu['cpu']}: {done}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class ExportOptions:
     parity_tokens: int = 512
     text: str | None = None
     force: bool = False
+    other_cpus: bool = False  # also run the conformance vectors on emulated CPU classes (lmn_export.cpu_check)
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
     final = manifest()
     contract.write_manifest(work, final)
     if "onnx" in options.targets and all(r.passed for r in reports):  # vectors only from graphs that passed
-        final = manifest(write_conformance(work, text_ids, progress))
+        final = manifest(write_conformance(work, text_ids, progress, options.other_cpus))
         contract.write_manifest(work, final)
     return ExportResult(work, final, reports)
 

@@ -87,6 +87,7 @@ class ExportedModel:
                 how = f"--quantize {precision}" if precision != "fp32" else "--to onnx"
                 raise ManifestError(f"{self.directory} has no {precision} ONNX graphs (it has "
                                     f"{', '.join(have) or 'none'}); re-export with lmn-export {how}")
+            refuse_saturating_weights(self.directory, self.step_graph)
             self.session = self._session(self.step_graph)
             # fast paths: step graphs for tokens that re-summarize exactly k levels (memory full)
             self.fast_path_graphs = {g["levels"]: g for g in manifest.graphs("onnx", "step_levels", precision)}
@@ -195,6 +196,18 @@ class ExportedModel:
         session = self._session(graph)
         names = [o.name for o in session.get_outputs()]
         return lambda inputs: dict(zip(names, session.run(names, inputs)))
+
+
+def refuse_saturating_weights(directory: Path, graph: dict) -> None:
+    """A dynamic-int8 graph with int8 (signed) weights, as lmn-export wrote them before uint8: onnxruntime's
+    u8s8 kernels saturate on x86 without VNNI (logit gaps 1.1 to 4.5 on the shipped model), and its Arm
+    SME kernel (qemu `max`) returned garbage (5% argmax agreement); the same graphs are right elsewhere,
+    so nothing at run time would notice. Refused, whatever this CPU is (BENCHMARKS.md, "Edge CPUs")."""
+    quantization = graph.get("quantization") or {}
+    if quantization.get("kind") == "dynamic" and str(quantization.get("weights", "")).startswith("int8"):
+        raise ManifestError(f"{directory}'s dynamic-int8 graphs have int8 weights, which onnxruntime computes wrongly "
+                            "on x86 without VNNI and on Arm SME; re-export with this lmn's lmn-export (uint8 weights) "
+                            "or load another precision")
 
 
 def load(directory: Path | str | None = None, threads: int = 1, backend: str = "onnxruntime",

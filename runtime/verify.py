@@ -44,9 +44,14 @@ def main(directory, backend, precisions, threads, as_json):
         for r in results:
             gap = "non-finite" if r.max_logit_gap is None else f"{r.max_logit_gap:.2g}"
             click.echo(f"{'ok  ' if r.passed else 'FAIL'} {r.precision:<13} {r.name:<28} argmax agreement "
-                       f"{r.argmax_agreement:.2%}, max logit gap {gap}{', ' + r.detail if r.detail else ''}")
+                       f"{r.argmax_agreement:.2%}{excused(r)}, max logit gap {gap}{', ' + r.detail if r.detail else ''}")
         click.echo(f"{sum(r.passed for r in results)} of {len(results)} cases passed ({directory}, {backend})")
     sys.exit(0 if passed else 1)
+
+
+def excused(result) -> str:
+    n = result.excused_flips
+    return f" ({n} near-tie flip{'s' if n > 1 else ''} excused)" if n else ""
 
 
 def cannot_check(message: str) -> None:

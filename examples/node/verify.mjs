@@ -113,7 +113,7 @@ async function main() {
     for (const r of results) {
       const gap = r.max_logit_gap === null ? "non-finite" : r.max_logit_gap.toPrecision(2);
       console.log(`${r.passed ? "ok  " : "FAIL"} ${r.precision.padEnd(13)} ${r.name.padEnd(28)} argmax agreement ` +
-        `${(100 * r.argmax_agreement).toFixed(2)}%, max logit gap ${gap}${r.detail ? ", " + r.detail : ""}`);
+        `${(100 * r.argmax_agreement).toFixed(2)}%${r.excused_flips ? ` (${r.excused_flips} near-tie flip${r.excused_flips > 1 ? "s" : ""} excused)` : ""}, max logit gap ${gap}${r.detail ? ", " + r.detail : ""}`);
     }
     console.log(`${results.filter((r) => r.passed).length} of ${results.length} cases passed (${args.directory}, ${backend})`);
   }

@@ -21,6 +21,7 @@ import runtime
 from runtime import ByteVocab, ManifestError, StateFileError, Stream, UnknownCharacterError
 from runtime.manifest import manifest_text
 
+from ..conftest import committed_export
 from .state_files import forge
 
 WIDE = "é中😀"  # 2, 3 and 4 UTF-8 bytes
@@ -28,23 +29,9 @@ WIDE = "é中😀"  # 2, 3 and 4 UTF-8 bytes
 
 @pytest.fixture(scope="module")
 def byte_export(tmp_path_factory) -> Path:
-    """A tinylogmem-32 trained 3 steps with --vocab bytes on text holding é, 中 and 😀, exported to ONNX."""
-    pytest.importorskip("torch")
-    from click.testing import CliRunner
-
-    from lmn_export.export import ExportOptions, export
-    from models.train import main
-
-    root = tmp_path_factory.mktemp("bytes")
-    text = "".join(f"line {i}: café {WIDE} naïve 中文 😀!\n" for i in range(200))
-    (root / "text.txt").write_text(text, encoding="utf-8")
-    result = CliRunner().invoke(main, ["--data", str(root / "text.txt"), "--vocab", "bytes", "--out", str(root / "ckpt"),
-                                       "--preset", "tinylogmem-32", "--steps", "3", "--batch", "2", "--block", "16",
-                                       "--eval-interval", "1000", "--eval-batches", "1", "--threads", "1"])
-    assert result.exit_code == 0, result.output
-    exported = export(root / "ckpt", root / "export", ExportOptions(prefill_sizes=(), parity_tokens=24, fast_paths=0))
-    assert exported.passed
-    return exported.directory
+    """A tinylogmem-32 trained 3 steps with --vocab bytes on text holding é, 中 and 😀, exported to ONNX
+    (committed: tests/data/bytes, rebuilt by `python -m tests.data.build`)."""
+    return committed_export(tmp_path_factory, "bytes")
 
 
 def one_hot(byte: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import runtime
 from runtime import ManifestError, StateFileError, Stream
 from runtime.chat import Chat
 from runtime.conformance import ConformanceError, read_cases
-from runtime.manifest import seal
+from runtime.manifest import manifest_text
 from runtime.reader import MAX_DEPTH, excerpt, read_json
 
 from .state_files import forge, forge_header, header
@@ -216,7 +216,7 @@ def copy_export(export_dir, tmp_path) -> Path:
 def rewrite(folder: Path, change) -> None:
     data = json.loads((folder / "lmn.json").read_text(encoding="utf-8"))
     change(data)
-    (folder / "lmn.json").write_text(json.dumps(seal(data), ensure_ascii=False), encoding="utf-8")
+    (folder / "lmn.json").write_text(manifest_text(data), encoding="utf-8")
 
 
 def point_step_graph_at(name: str):
@@ -319,7 +319,7 @@ def set_tolerance(value):
     (lambda e: conformance_text(e, set_tolerance(1e6)), r"logits_atol must be a number in \[0, 100\]"),
     (lambda e: conformance_text(e, set_tolerance(-1)), r"logits_atol must be a number in \[0, 100\]"),
     (lambda e: conformance_text(e, lambda d: d["cases"][0].update(tokens="abc")), "needs tokens"),
-    (lambda e: conformance_text(e, lambda d: d["cases"][0].pop("argmax")), "needs tokens"),
+    (lambda e: conformance_text(e, lambda d: d["cases"][0].pop("argmax")), "needs argmax"),
     (lambda e: conformance_text(e, lambda d: d["cases"][0].update(start_pointer=1)), "start_pointer"),
     (lambda e: conformance_text(e, lambda d: d["cases"][0].update(precision="fp64")), "precision"),
     (lambda e: conformance_text(e, lambda d: d["cases"][0].update(tokens=[10**6])), "cannot run here"),

@@ -415,16 +415,17 @@ def test_chat_temp_zero_is_greedy_and_reset_clears_the_state(export_dir):
 
 def test_ctrl_c_while_feeding_keeps_the_session(export_dir, monkeypatch):
     c, out = chat(export_dir)
-    step, calls = c.stream.stepper.step, [0]
+    prefill, calls = c.stream.model.prefill, [0]
 
-    def interrupted(token):
+    def interrupted(*args):
         calls[0] += 1
-        if calls[0] == 50:
+        if calls[0] == 2:
             raise KeyboardInterrupt
-        return step(token)
+        return prefill(*args)
 
-    monkeypatch.setattr(c.stream.stepper, "step", interrupted)
-    c.reply(PROMPT * 3)  # a long line: Ctrl-C lands while it is being fed
+    monkeypatch.setattr(c.stream.model, "prefill", interrupted)
+    c.reply(PROMPT * 3)  # a long line, fed in prefill pieces: Ctrl-C lands between two of them
+    assert calls[0] == 2
     assert "stopped while reading your text" in out.getvalue()
     c.reply("To be\n")  # the session goes on
     assert c.stream.decoded_tokens == 30
