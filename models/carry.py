@@ -1,7 +1,8 @@
 """Training with carried state (`lmn-train --carry STRETCH`): each batch row reads consecutive windows of
 one long stretch of the corpus, and the state the model leaves after one window (detached) starts the
 next, so levels far deeper than a window are built, read and trained. Rows start a new stretch, from
-the empty state, every `windows` steps.
+the empty state, every `windows` steps, and (`reset`) any window from the empty state with some chance,
+so that a stream's first tokens keep being trained too.
 
 Everything a resumed run needs to draw what an unbroken one would is here: a stretch's start is a
 function of (seed, rank, micro-batch, stretch number) alone, and the carried states are saved with
@@ -40,6 +41,7 @@ class CarriedRows:
     micro: int
     seed: int
     rank: int = 0
+    reset: float = 0.0  # chance that a row starts a window from the empty state (its stretch goes on)
     states: list[StepState | None] | None = None  # per micro-batch: the state after its last window (cpu or device)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,10 @@ class CarriedRows:
                 raise ConfigError("the checkpoint holds no carried states for this step; resume with the --carry "
                                   "it was trained with")
         state = StepState(state.memory.to(device), state.pointer.to(device))
+        if self.reset and window:  # rows drawn (a function of seed, rank, micro-batch, step) start from the empty state
+            drawn = torch.rand(self.batch, generator=stretch_generator(self.seed, self.rank, micro, -1 - step)) < self.reset
+            keep = (~drawn).to(device)
+            state = StepState(state.memory * keep.view(-1, 1, 1, 1).to(state.memory.dtype), state.pointer * keep)
         return tokens[:, :-1], tokens[:, 1:], state
 
     def keep(self, micro: int, state: StepState) -> None:
@@ -85,13 +91,13 @@ class CarriedRows:
     def state_dict(self) -> dict:
         """What a checkpoint saves: the settings and the carried states (cpu)."""
         filled = [s for s in self.states if s is not None]
-        return {"stretch": self.stretch, "block": self.block, "batch": self.batch, "micro": self.micro,
+        return {"stretch": self.stretch, "block": self.block, "batch": self.batch, "micro": self.micro, "reset": self.reset,
                 **({"memory": torch.stack([s.memory.cpu() for s in filled]),
                     "pointer": torch.stack([s.pointer.cpu() for s in filled])} if len(filled) == self.micro else {})}
 
     def load_state_dict(self, saved: dict) -> None:
         """Take the carried states of a checkpoint trained with the same --carry, --block, --batch, --grad-accum."""
-        mine = {"stretch": self.stretch, "block": self.block, "batch": self.batch, "micro": self.micro}
+        mine = {"stretch": self.stretch, "block": self.block, "batch": self.batch, "micro": self.micro, "reset": self.reset}
         theirs = {k: saved.get(k) for k in mine}
         if theirs != mine:
             raise ConfigError(f"--resume: the checkpoint was trained with carried state {theirs} (stretch, block, batch, "

@@ -105,7 +105,7 @@ BOUNDS = {
     "eval_interval": Bound(int, 1, high=10**9), "eval_batches": Bound(int, 1, high=10**6),
     "seed": Bound(int, 0, high=2**64 - 1), "grad_accum": Bound(int, 1, high=2**16), "device": OneOf(DEVICES),
     "precision": OneOf(PRECISIONS), "compile": OneOf((False, True), kind=bool),
-    "carry": Bound(int, 0, high=2**40),
+    "carry": Bound(int, 0, high=2**40), "carry_reset": Bound(float, 0, high=1.0),
 }
 LEVELS = Bound(int, 1, high=62)  # --levels: max_levels of an LMN (2^(levels-1) must fit int64)
 THREADS = Bound(int, 1, high=1024)
@@ -130,6 +130,7 @@ class TrainSettings:
     precision: str = "fp32"  # bf16/fp16: autocast over fp32 master weights
     compile: bool = False  # torch.compile the training forward
     carry: int = 0  # > 0: rows read stretches of this many tokens as consecutive windows, state carried (models.carry)
+    carry_reset: float = 0.0  # with carry: the chance a row starts a window from the empty state
     levels: int | None = None  # max_levels of a new LMN (None: the preset's, or CARRY_LEVELS with carry)
 
     def __post_init__(self) -> None:
@@ -140,6 +141,8 @@ class TrainSettings:
         problem = self.levels is not None and LEVELS.problem(self.levels)
         if problem:
             raise ConfigError(f"TrainSettings.levels {problem}")
+        if self.carry_reset and not self.carry:
+            raise ConfigError("--carry-reset applies to carried state: add --carry STRETCH (or drop --carry-reset)")
 
 
 class Bounded(click.ParamType):
@@ -389,7 +392,8 @@ def train(
     rows = None
     if settings.carry:
         CarriedRows.check(len(corpus.train), settings.carry)
-        rows = CarriedRows(settings.carry, settings.block, settings.batch, settings.grad_accum, settings.seed, dist.rank)
+        rows = CarriedRows(settings.carry, settings.block, settings.batch, settings.grad_accum, settings.seed, dist.rank,
+                           settings.carry_reset)
     model.to(device)  # fp32 master weights on every device; autocast lowers only the matmuls
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if resume:
@@ -410,7 +414,7 @@ def train(
         trim_log(out / LOG, done, meta["training"].get("last_log"))
     # What config.json and each log line record about how the run trains.
     runtime = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
-               "carry": settings.carry,
+               "carry": settings.carry, "carry_reset": settings.carry_reset,
                "compile": settings.compile, "world_size": dist.world_size}
     tokens_per_step = settings.batch * settings.block * settings.grad_accum * dist.world_size
     last_log = meta["training"].get("last_log") or {}
@@ -598,6 +602,9 @@ def stop_on_sigterm() -> Iterator[None]:
               help="LMN: each row reads a stretch of this many tokens as consecutive --block windows, the state one "
                    "window leaves (detached) starting the next, so memory levels beyond a window train (0: random "
                    "windows from the empty state).")
+@click.option("--carry-reset", type=Bounded(BOUNDS["carry_reset"]), default=0.0, show_default=True,
+              help="With --carry: the chance that a row starts a window from the empty state (its stretch goes on), so a "
+                   "stream's first tokens keep training.")
 @click.option("--levels", type=Bounded(LEVELS), default=None,
               help=f"LMN: memory levels (max_levels; level i holds 2^i tokens). Default: the preset's, or {CARRY_LEVELS} "
                    f"with --carry (reaches 2^{CARRY_LEVELS - 1} tokens).")
@@ -606,14 +613,15 @@ def stop_on_sigterm() -> Iterator[None]:
                    "further with --carry and more --levels); a fresh optimizer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_interval, eval_batches, threads, out, resume,
-         evaluate_only, as_json, device, precision, compiled, grad_accum, carry, levels, init):
+         evaluate_only, as_json, device, precision, compiled, grad_accum, carry, carry_reset, levels, init):
     """Train an LMN (or a baseline) on a text; writes model.safetensors, config.json, train_log.jsonl."""
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // Distributed.env_world_size()))
     dist = Distributed()
     try:
         settings = TrainSettings(steps=steps, batch=batch, block=block, lr=lr, seed=seed,
                                  eval_interval=eval_interval, eval_batches=eval_batches, grad_accum=grad_accum,
-                                 device=device, precision=precision, compile=compiled, carry=carry, levels=levels)
+                                 device=device, precision=precision, compile=compiled, carry=carry, carry_reset=carry_reset,
+                                 levels=levels)
         dist = Distributed.from_env(placement(settings, Distributed.env_local_rank()))
         check_out(out, resume, evaluate_only)
         if init is not None and (resume or evaluate_only):

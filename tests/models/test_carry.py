@@ -115,3 +115,24 @@ def test_init_starts_from_another_checkpoint_with_more_levels(tmp_path, text_fil
     assert all(torch.allclose(want.state_dict()[k], got.state_dict()[k], atol=1e-12) for k in want.state_dict())
     assert not all(torch.allclose(want.state_dict()[k], other.state_dict()[k]) for k in want.state_dict())
     assert "--init starts a new run" in one_line_error(train(*args, "--init", str(source), "--out", str(tuned), "--resume"))
+
+
+def test_carry_reset_starts_drawn_rows_from_the_empty_state():
+    """--carry-reset: about that share of rows start a window from the empty state, the same rows on every run
+    (a resume draws them again); 0 resets none (control); without --carry it is refused."""
+    model = LMN(LMNConfig(vocab_size=11, n_embd=8, n_head=2, n_layer=1, n_bank=1, max_levels=8)).eval()
+    split = np.arange(5000) % 11
+    draws = []
+    for reset in (0.0, 0.5, 0.5):
+        rows = CarriedRows(stretch=1000, block=16, batch=64, micro=1, seed=0, reset=reset)
+        x, _, state = rows.batch_at(split, 0, 0, model)
+        _, after = model(x, return_state=True, state=state)
+        rows.keep(0, after)
+        _, _, carried = rows.batch_at(split, 1, 0, model)
+        draws.append(carried.pointer == 0)
+    assert not draws[0].any()  # no reset: every row carries its state
+    assert 16 <= int(draws[1].sum()) <= 48 and torch.equal(draws[1], draws[2])  # about half, and reproducible
+    with pytest.raises(ConfigError, match="--carry-reset applies"):
+        from models.train import TrainSettings
+
+        TrainSettings(carry_reset=0.1)
