@@ -58,8 +58,10 @@ class SpeedSettings:
     threads: int = 1
 
 
-def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str, ...], log) -> Path:
-    """A random-weight export of a preset: the step graph and fast paths, at every precision."""
+def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str, ...], log,
+                  prefill_sizes: tuple[int, ...] = ()) -> Path:
+    """A random-weight export of a preset: the step graph and fast paths (and prefill graphs of
+    `prefill_sizes`), at every precision, in work/name (work/prefill-name with prefill graphs)."""
     import torch
 
     from models import LMN
@@ -70,12 +72,17 @@ def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str,
 
     torch.manual_seed(0)
     model = LMN(preset(name, vocab_size)).eval()
-    out = work / name
+    out = work / (f"prefill-{name}" if prefill_sizes else name)
     out.mkdir()
-    log(f"{name}: exporting random-weight step graphs (general, fast paths) at {', '.join(precisions)}")
+    extra = f", prefill {', '.join(map(str, prefill_sizes))}" if prefill_sizes else ""
+    log(f"{name}: exporting random-weight step graphs (general, fast paths{extra}) at {', '.join(precisions)}")
     spec = onnx_export.export_step(model, out / "model.onnx")
     graphs = [{"name": "step", "target": "onnx", "file": "model.onnx", "precision": "fp32", **spec.to_dict()}]
     graphs += write_fast_paths(model, out, DEFAULT_FAST_PATHS, onnx_export.DEFAULT_OPSET, spec)
+    for size in prefill_sizes:
+        pspec = onnx_export.export_prefill(model, out / f"prefill_{size}.onnx", size)
+        graphs.append({"name": "prefill", "target": "onnx", "file": f"prefill_{size}.onnx", "precision": "fp32",
+                       "size": size, **pspec.to_dict()})
     return write_step_export(out, model.config, graphs, precisions)
 
 

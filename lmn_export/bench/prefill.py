@@ -13,6 +13,7 @@ import numpy as np
 
 import runtime
 
+from .decode_speed import export_preset
 from .timing import cycle
 
 # Goals of the second turn (issue: prefill from any state): at most this times the first turn's prefill
@@ -29,32 +30,6 @@ class PrefillSettings:
     from_pointer: int = 1001  # the break-even chunks start here (an odd pointer, mid-stream)
     presets: tuple[str, ...] = ("logmem-128",)  # random-weight exports timed beside the export itself
     reps: int = 5  # repetitions, variants interleaved
-
-
-def export_preset(name: str, work: Path, vocab_size: int, sizes: tuple[int, ...], log) -> Path:
-    """A random-weight export of a preset with its step, fast-path and prefill graphs (timing only, no parity)."""
-    import torch
-
-    from models import LMN
-    from models.config import preset
-
-    from .. import onnx_export
-    from ..export import DEFAULT_FAST_PATHS, write_fast_paths
-    from .decode_speed import write_step_export
-
-    torch.manual_seed(0)
-    model = LMN(preset(name, vocab_size)).eval()
-    out = work / f"prefill-{name}"
-    out.mkdir()
-    log(f"{name}: exporting random-weight step, fast-path and prefill graphs ({', '.join(map(str, sizes))})")
-    spec = onnx_export.export_step(model, out / "model.onnx")
-    graphs = [{"name": "step", "target": "onnx", "file": "model.onnx", "precision": "fp32", **spec.to_dict()}]
-    graphs += write_fast_paths(model, out, DEFAULT_FAST_PATHS, onnx_export.DEFAULT_OPSET, spec)
-    for size in sizes:
-        pspec = onnx_export.export_prefill(model, out / f"prefill_{size}.onnx", size)
-        graphs.append({"name": "prefill", "target": "onnx", "file": f"prefill_{size}.onnx", "precision": "fp32",
-                       "size": size, **pspec.to_dict()})
-    return write_step_export(out, model.config, graphs, ("fp32",))
 
 
 def state_after(model: runtime.ExportedModel, ids: list[int]) -> dict[str, np.ndarray]:
@@ -137,7 +112,7 @@ def bench_prefill(export_dir: Path, drive: list[int], s: PrefillSettings, thread
     sizes = tuple(g["size"] for g in model.prefill_graphs)
     targets = [("export", model)]
     for name in s.presets:
-        folder = export_preset(name, work, len(model.vocab), sizes, log)
+        folder = export_preset(name, work, len(model.vocab), ("fp32",), log, prefill_sizes=sizes)
         targets.append((f"{name} (random weights)", runtime.load(folder, threads=threads)))
     rows = []
     for label, target in targets:
