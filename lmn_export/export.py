@@ -26,8 +26,8 @@ from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
-from .validate import (FP16_ATOL, FP32_ATOL, PREFILL_WARMUP, ParityReport, check_names, prefill_parity,
-                       prefill_starts, start_pointers, stream_parity, stream_tokens)
+from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_from_states, start_pointers,
+                       stream_parity, stream_tokens)
 
 log = logging.getLogger(__name__)
 TARGETS = ("onnx", "coreml")
@@ -244,12 +244,9 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                                "opset": options.opset, "size": size, **pspec.to_dict()})
                 ppredictor = OnnxPredictor(work / name)
                 check_names(pspec, ppredictor.input_names, ppredictor.output_names)
-                pstarts = prefill_starts(model, size)
-                ptokens = stream_tokens(model, text_ids, PREFILL_WARMUP + size, len(pstarts))
-                plengths = [(size, size // 2 + 1, 1)[b % 3] for b in range(len(pstarts))]
-                progress(f"checking ONNX prefill {size} parity from {len(pstarts)} states")
-                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, plengths, pstarts,
-                                              _atol(options, FP32_ATOL), f"onnx prefill {size}", ppredictor.runner))
+                progress(f"checking ONNX prefill {size} parity from empty, mid-stream and high-pointer states")
+                reports.append(prefill_from_states(model, ppredictor, pspec, text_ids, _atol(options, FP32_ATOL),
+                                                   f"onnx prefill {size}", ppredictor.runner))
         fp32 = list(graphs)
         for precision in (q for q in QUANTIZE_CHOICES if q in options.quantize):  # a fixed order: reproducible
             copies, judged = export_precision(work, fp32, text_ids, options.parity_tokens, precision,
@@ -280,12 +277,10 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
                 graphs.append({"name": "prefill", "target": "coreml", "file": name, "precision": options.precision,
                                "size": size, "minimum_deployment_target": "iOS16/macOS13", **pspec.to_dict()})
                 ppredictor, prunner = load_coreml(work / name)
-                pstarts = prefill_starts(model, size, 2**31 - 1)  # int32 pointers
-                ptokens = stream_tokens(model, text_ids, PREFILL_WARMUP + size, len(pstarts))
-                plengths = [(size, size // 2 + 1, 1)[b % 3] for b in range(len(pstarts))]
-                progress(f"checking Core ML prefill {size} parity from {len(pstarts)} states with {prunner}")
-                reports.append(prefill_parity(model, ppredictor, pspec, ptokens, plengths, pstarts, bound,
-                                              f"coreml prefill {size} ({options.precision})", prunner))
+                progress(f"checking Core ML prefill {size} parity with {prunner}")
+                reports.append(prefill_from_states(model, ppredictor, pspec, text_ids, bound,
+                                                   f"coreml prefill {size} ({options.precision})", prunner,
+                                                   int_max=2**31 - 1))  # int32 pointers
         if options.quantize:  # int4 / int8 weight-only copies, each judged against this step
             from .coreml_quantize import export_quantized
 

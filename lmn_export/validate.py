@@ -227,3 +227,14 @@ def prefill_parity(model: LMN, predictor, spec: GraphSpec, tokens: np.ndarray, l
         OutputDiff("logits", worst_gap(0.0, got["logits"], want_logits), atol),
         OutputDiff("memory_out", worst_gap(0.0, got["memory_out"], want_memory), atol),
         OutputDiff("pointer_out", 0.0 if np.array_equal(got["pointer_out"], want_pointer) else math.inf, 0.0)])
+
+
+def prefill_from_states(model: LMN, predictor, spec: GraphSpec, text_ids: list[int], atol: float, graph: str,
+                        runner: str, int_max: int = 2**63 - 1) -> ParityReport:
+    """`prefill_parity` of a `size`-token prefill graph from every state of `prefill_starts` (pointers below
+    `int_max`), rows of lengths size, size/2 + 1 and 1 in turn, on the parity text."""
+    size = spec.inputs[0].shape[1]
+    starts = prefill_starts(model, size, int_max)
+    tokens = stream_tokens(model, text_ids, PREFILL_WARMUP + size, len(starts))
+    lengths = [(size, size // 2 + 1, 1)[b % 3] for b in range(len(starts))]
+    return prefill_parity(model, predictor, spec, tokens, lengths, starts, atol, graph, runner)

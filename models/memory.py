@@ -198,12 +198,10 @@ class WindowStart(NamedTuple):
     floor(p/2^i) - 1), entry j the j-th block completed within the window.
     """
 
-    pointer: torch.Tensor  # (B,) int64, p
     rows: torch.Tensor  # (B, P) int64: 1 + the token a row holds, 0 for rows holding none (into [zero, T tokens, zero])
     tokens: torch.Tensor  # (B, T) int64: the row holding each token
     shift: torch.Tensor  # (B, L-1) bool: level i pairs its level i-1 entries (1, 2), (3, 4)... (else (0, 1), (2, 3)...)
     remainders: torch.Tensor  # (B, L-1) int64: p mod 2^i
-    filled: torch.Tensor  # (B, L-1) bool: the start state's level-i node holds a block (p >= 2^i)
     chunked: list[torch.Tensor]  # per chunked level i: (B, P/2^i) int64, the entry each region row holds (may be < 0)
     repeated: torch.Tensor | None  # (B, P/C * repeated levels * KX) int64: rows of the repeated region, by chunk
     table_bias: torch.Tensor  # (B, R) float: 0 for slot-table rows holding a block, -inf for the others
@@ -293,7 +291,7 @@ class LogMemory(nn.Module):
         tokens = offset + 1 + torch.arange(T, device=device).view(1, T)  # (B, T)
         remainders = torch.remainder(pointer.unsqueeze(-1), self.block_sizes)  # (B, L-1): p mod 2^i
         shift = remainders < self.block_sizes // 2  # bit i-1 of p is 0: the level's first block starts in the window
-        filled = pointer.unsqueeze(-1) >= self.block_sizes  # (B, L-1)
+        filled = pointer.unsqueeze(-1) >= self.block_sizes  # (B, L-1): the state's level-i node holds a block
         biases = [torch.zeros(B, P, device=device)]  # level 0: every row holds a token or a zero row, seen by itself
         chunked = []
         for i in range(1, layout.chunked + 1):  # 2^i <= C: region row e is in-window group e, entry e - (offset // 2^i)
@@ -312,7 +310,7 @@ class LogMemory(nn.Module):
             biases.append(holds_bias(holds, KX))  # (B, (1+n)*KX)
             region += (1 + n) * KX
         repeated = torch.cat(repeated, dim=-1).flatten(1) if repeated else None  # (B, P/C * levels * KX), by chunk
-        return WindowStart(pointer, rows, tokens, shift, remainders, filled, chunked, repeated, torch.cat(biases, dim=1))
+        return WindowStart(rows, tokens, shift, remainders, chunked, repeated, torch.cat(biases, dim=1))
 
     def slot_table(self, h: torch.Tensor, tree: list[torch.Tensor], layout: SlotLayout,
                    start: WindowStart | None = None) -> torch.Tensor:

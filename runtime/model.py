@@ -70,7 +70,7 @@ class ExportedModel:
         self.config = manifest.model
         self.precision = precision
         self._lock = threading.Lock()
-        self._prefill_sessions: dict[int, object] = {}
+        self._prefill_runners: dict[int, object] = {}
         self.fast_path_graphs, self.fast_paths = {}, {}
         if backend == "coreml":  # "fp32": the export's unquantized Core ML step (fp32 or fp16 compute)
             wanted = ("fp32", "fp16") if precision == "fp32" else (precision,)
@@ -157,9 +157,9 @@ class ExportedModel:
         size, used = graph["size"], min(len(ids), graph["size"])
         self.check_state(state, used)
         with self._lock:
-            run = self._prefill_sessions.get(size)
+            run = self._prefill_runners.get(size)
             if run is None:
-                run = self._prefill_sessions[size] = self._prefill_runner(graph)
+                run = self._prefill_runners[size] = self._prefill_runner(graph)
         dtypes = {t["name"]: ORT_DTYPES[t["dtype"]] for t in graph["inputs"]}
         tokens, length = role_name(graph["inputs"], "tokens"), role_name(graph["inputs"], "length")
         inputs = {tokens: np.full((1, size), self.manifest.data["prefill"]["padding_id"], dtype=dtypes[tokens]),

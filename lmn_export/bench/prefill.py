@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import runtime
+from runtime.backends import empty_state
 
 from .decode_speed import export_preset
 from .timing import cycle
@@ -86,8 +87,7 @@ def break_even(model: runtime.ExportedModel, drive: list[int], s: PrefillSetting
 def second_turn(model: runtime.ExportedModel, drive: list[int], s: PrefillSettings) -> dict:
     """A `turn`-token turn fed after `history` tokens: prefilled from that state, as a first turn, and stepped."""
     history = state_after(model, cycle(drive, s.history))
-    empty = runtime.Stream(model).stepper.state
-    empty = {k: np.array(v) for k, v in empty.items()}
+    empty = empty_state(model.step_graph)
     turn = cycle(drive, s.turn, s.history)
     times = time_interleaved({"first turn, prefill": lambda: prefill_all(model, empty, turn),
                               "second turn, prefill": lambda: prefill_all(model, history, turn),
