@@ -636,6 +636,10 @@ def main(source, vocab_kind, preset_name, steps, batch, block, lr, seed, eval_in
                 losses = evaluate_checkpoint(data, out, settings)
             else:
                 losses = train(data, out, preset_name, settings, resume=resume, dist=dist, init=init)
+        if dist.world_size > 1:
+            # Ranks leave together, once rank 0's last checkpoint is written: a rank that tears gloo down while its
+            # peer is still busy can abort on the peer's closed connection.
+            torch.distributed.barrier()
     except (DataError, CheckpointError, ConfigError, TrainingError) as e:
         raise click.ClickException(str(e)) from None
     except Stopped:

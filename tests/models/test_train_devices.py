@@ -299,7 +299,9 @@ def torchrun(out: Path, text_file: Path, *args: str) -> None:
            "--data", str(text_file), "--out", str(out), *QUICK, "--eval-interval", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [line for line in done.stderr.splitlines() if "terminate called" in line or "what()" in line
+             or line.startswith("[rank")]  # the ranks' own errors come before torchrun's summary
+    assert done.returncode == 0, "\n".join(ranks[:20]) + "\n" + done.stderr[-2000:]
 
 
 def adam_steps(out: Path) -> set[float]:
