@@ -28,6 +28,7 @@ from .decode_speed import (
 )
 from .report import MATPLOTLIB_HINT, plot, print_report, results_json
 from .reach import ReachSettings
+from .recall import DISTANCES, RecallSettings
 from .settings import (
     DEFAULT_SECTIONS,
     DEVICES,
@@ -71,6 +72,22 @@ def parse_presets(ctx, param, text: str) -> tuple[str, ...]:
         raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)} "
                                  "(comma-separated; empty to skip the section)")
     return names
+
+
+def parse_distances(ctx, param, text: str) -> tuple[int, ...]:
+    """Comma-separated key-to-query distances, 1 to 2**24 each, sorted."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = int(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a whole number") from None
+        if not 1 <= value <= 1 << 24:
+            raise click.BadParameter(f"{value} is out of range: a distance is 1 to 2**24 tokens")
+        values.append(value)
+    if not values:
+        raise click.BadParameter("give at least one distance")
+    return tuple(sorted(set(values)))
 
 
 def parse_checkpoints(ctx, param, text: str) -> tuple[str, ...]:
@@ -212,6 +229,12 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
               help="Reach section: checkpoint folders, comma-separated (default: the shipped LMN and GPT-2-32).")
 @click.option("--reach-tokens", type=click.IntRange(min=2, max=1 << 24), default=65536, show_default=True,
               help="Reach section: val-split positions scored, from its start, as one stream.")
+@click.option("--recall-checkpoints", default="", callback=parse_checkpoints,
+              help="Recall section: checkpoint folders trained on the probe's text (python -m lmn_export.bench.recall).")
+@click.option("--recall-distances", default=",".join(map(str, DISTANCES)), show_default=True, callback=parse_distances,
+              help="Recall section: key-to-query distances, comma-separated.")
+@click.option("--recall-probes", type=click.IntRange(min=1, max=10**4), default=100, show_default=True,
+              help="Recall section: probe streams per distance.")
 @click.option("--quick", is_flag=True, help="A smoke test in under a minute: small contexts, few tokens, short text, "
                                             "tiny training steps; options given explicitly keep their values.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=check_json_path,
@@ -220,17 +243,22 @@ def quick_settings(s: Settings, given: set[str]) -> Settings:
               help="Write PNG charts here.")
 @click.pass_context
 def main(ctx, directory, threads, contexts, lmn_contexts, tokens, reps, step_all, speed_presets, speed_precisions,
-         sections, device, train_batch, train_block, train_steps, reach_checkpoints, reach_tokens, quick, json_path,
-         plot_dir):
+         sections, device, train_batch, train_block, train_steps, reach_checkpoints, reach_tokens, recall_checkpoints,
+         recall_distances, recall_probes, quick, json_path, plot_dir):
     """Benchmark an LMN export (default: the shipped one) against a same-size GPT-2 KV cache; with
     `--sections train`, the training throughput of LMN and GPT-2 presets of the same width."""
-    if plot_dir and "decode" not in sections:
-        raise click.BadParameter("the charts plot the decode section; add decode to --sections", param_hint="'--plot'")
+    if plot_dir and not {"decode", "recall"} & set(sections):
+        raise click.BadParameter("the charts plot the decode and recall sections; add one to --sections",
+                                 param_hint="'--plot'")
+    if "recall" in sections and not recall_checkpoints:
+        raise click.BadParameter("the recall section scores checkpoints trained on the probe's text; give them",
+                                 param_hint="'--recall-checkpoints'")
     s = Settings(threads=threads, contexts=contexts, lmn_only_contexts=lmn_contexts, tokens=tokens, reps=reps,
                  step_all=step_all, speed=SpeedSettings(presets=speed_presets, precisions=speed_precisions),
                  sections=sections,
                  train=TrainSettings(batch=train_batch, block=train_block, steps=train_steps, device=device),
-                 reach=ReachSettings(checkpoints=reach_checkpoints, tokens=reach_tokens))
+                 reach=ReachSettings(checkpoints=reach_checkpoints, tokens=reach_tokens),
+                 recall=RecallSettings(checkpoints=recall_checkpoints, distances=recall_distances, probes=recall_probes))
     if quick:
         given = {name for name in ctx.params
                  if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}

@@ -39,6 +39,8 @@ def print_report(r: dict) -> None:
         for row in r["reach"]:
             bins = "  ".join(f"{b['from']}-{b['to']}: {b['bpc']:.3f}" for b in row["bins"])
             click.echo(f"  {row['model']} ({Path(row['checkpoint']).name}, carry {row['carry']}): {bins}")
+    if r.get("recall"):
+        print_recall(r["recall"])
     if "train" in r:
         print_train(r)
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
@@ -157,6 +159,7 @@ def results_json(r: dict) -> tuple[str, list[str]]:
 
 
 def plot(r: dict, directory: Path) -> list[Path]:
+    """The charts of the sections that ran: decode latency and state bytes by context, recall by distance."""
     try:
         import matplotlib
 
@@ -164,23 +167,50 @@ def plot(r: dict, directory: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise click.ClickException(MATPLOTLIB_HINT) from None
+    charts = []  # (file name, x label, y label, log y, {series label: [(x, y)]})
+    if r.get("decode"):
+        for key, label, name in (("p50_us", "decode latency p50 (us/token)", "latency.png"),
+                                 ("state_bytes", "state bytes per stream", "state.png")):
+            series = {" ".join(s): [(row["n_ctx"], row[key]) for row in r["decode"] if (row["model"], row["layout"]) == s]
+                      for s in sorted({(row["model"], row["layout"]) for row in r["decode"]})}
+            charts.append((name, "context (tokens)", label, True, series))
+    if r.get("recall"):
+        series = {}
+        for row in r["recall"]:
+            name = f"{row['model']} ({Path(row['checkpoint']).name})"
+            series[name] = [(e["distance"], 100 * e["accuracy"]) for e in row["by_distance"]]
+            if row["by_distance"] and "accuracy_memory_zeroed" in row["by_distance"][0]:
+                series[name + ", memory zeroed"] = [(e["distance"], 100 * e["accuracy_memory_zeroed"])
+                                                    for e in row["by_distance"]]
+        series["chance"] = [(e["distance"], 10.0) for e in r["recall"][0]["by_distance"]] if r["recall"] else []
+        charts.append(("recall.png", "key-to-query distance (tokens)", "recall accuracy (%)", False, series))
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for key, label, name in (("p50_us", "decode latency p50 (us/token)", "latency.png"),
-                             ("state_bytes", "state bytes per stream", "state.png")):
+    for name, xlabel, ylabel, log_y, series in charts:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for series in sorted({(row["model"], row["layout"]) for row in r["decode"]}):
-            pts = [(row["n_ctx"], row[key]) for row in r["decode"] if (row["model"], row["layout"]) == series]
-            ax.plot(*zip(*pts), marker="o", label=" ".join(series))
+        for label, pts in series.items():
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if label == "chance" else "-")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         with atomic_path(directory / name) as tmp:  # the temp name has no .png suffix: say the format
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         written.append(directory / name)
     return written
+
+
+def print_recall(rows: list[dict]) -> None:
+    """Recall accuracy by key-to-query distance (chance 10%); LMNs also with the memory zeroed."""
+    click.echo("\nrecall: accuracy of the digit written `distance` letters before the query (chance 10%):")
+    for row in rows:
+        cells = "  ".join(f"{e['distance']:,}: {e['accuracy']:.0%}"
+                          + (f" (zeroed {e['accuracy_memory_zeroed']:.0%})" if "accuracy_memory_zeroed" in e else "")
+                          for e in row["by_distance"])
+        click.echo(f"  {row['model']} ({Path(row['checkpoint']).name}, carry {row['carry']}): {cells}")

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from .decode_speed import SpeedSettings
 from .prefill import PrefillSettings
 from .reach import ReachSettings
+from .recall import RecallSettings
 
 # Sections of a run, in the order they run: decode latency per context (LMN, GPT-2 KV caches, the
 # memory-free LMN), time to first token, prefill vs stepping per width (break-even, second turn), decode
-# speed per preset, held-out quality, training throughput.
-SECTIONS = ("decode", "ttft", "prefill", "speed", "quality", "reach", "train")
-NO_EXPORT_SECTIONS = ("reach", "train")  # PyTorch on checkpoints: asked for, never run by default
+# speed per preset, held-out quality, reach (loss by position), the recall probe, training throughput.
+SECTIONS = ("decode", "ttft", "prefill", "speed", "quality", "reach", "recall", "train")
+NO_EXPORT_SECTIONS = ("reach", "recall", "train")  # PyTorch on checkpoints: asked for, never run by default
 DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in NO_EXPORT_SECTIONS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_CONTEXT = 1 << 62  # the LMN's pointer is an int64
@@ -48,6 +49,7 @@ class Settings:
     sections: tuple[str, ...] = DEFAULT_SECTIONS
     train: TrainSettings = field(default_factory=TrainSettings)
     reach: ReachSettings = field(default_factory=ReachSettings)
+    recall: RecallSettings = field(default_factory=RecallSettings)
 
 
 def gpt_positions(s: Settings) -> int:

@@ -18,6 +18,7 @@ from .decode_speed import bench_decode_speed
 from .prefill import bench_prefill
 from .quality import GPT_CHECKPOINT, bench_quality, text_ids, trained_gpt_export
 from .reach import bench_reach
+from .recall import bench_recall
 from .settings import NO_EXPORT_SECTIONS, Settings, gpt_positions
 from .speed_goals import goal_results, speed_summary
 from .timing import cycle, time_steps
@@ -43,6 +44,8 @@ def run(lmn_dir: Path | None, s: Settings, log=print) -> dict:
         run_export_sections(lmn_dir, s, result, log)
     if "reach" in s.sections:
         result["reach"] = bench_reach(s.reach, log)
+    if "recall" in s.sections:
+        result["recall"] = bench_recall(s.recall, log)
     if "train" in s.sections:
         log("training throughput")
         result["train"] = bench_train(s.train, s.threads, s.seed, log)
@@ -125,6 +128,9 @@ def summarize(r: dict) -> dict:
                           for row in r["prefill"]]
     if r.get("reach"):
         out["reach_bpc_by_bin"] = {row["checkpoint"]: [round(b["bpc"], 4) for b in row["bins"]] for row in r["reach"]}
+    if r.get("recall"):
+        out["recall_by_distance"] = {row["checkpoint"]: {e["distance"]: e["accuracy"] for e in row["by_distance"]}
+                                     for row in r["recall"]}
     if r.get("train"):
         out["train_ratio"] = train_ratios(r["train"])
     return out
