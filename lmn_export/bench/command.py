@@ -67,10 +67,15 @@ def parse_contexts(ctx, param, text: str) -> tuple[int, ...]:
 def parse_presets(ctx, param, text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     allowed = preset_names()
-    unknown = [name for name in names if name not in allowed]
+    unknown = [name for name in names if name.partition("@")[0] not in allowed or (name.partition("@")[0] == EXPORT_PRESET
+                                                                                  and "@" in name)]
     if unknown:
-        raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)} "
-                                 "(comma-separated; empty to skip the section)")
+        raise click.BadParameter(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}, each preset "
+                                 "also as NAME@LEVELS (comma-separated; empty to skip the section)")
+    for name in names:
+        levels = name.partition("@")[2]
+        if "@" in name and not (levels.isdigit() and 1 <= int(levels) <= 62):
+            raise click.BadParameter(f"{name!r}: LEVELS must be a whole number in 1..62 (the memory's levels)")
     return names
 
 

@@ -42,10 +42,21 @@ def no_memory(precision: str) -> str:
 
 
 def preset_names() -> tuple[str, ...]:
-    """What the decode-speed section accepts: `export` and every LMN preset."""
+    """What the decode-speed section accepts: `export` and every LMN preset (each also as NAME@LEVELS)."""
     from models.config import PRESETS, LMNConfig
 
     return (EXPORT_PRESET, *(name for name, cfg in PRESETS.items() if isinstance(cfg, LMNConfig)))
+
+
+def preset_config(name: str, vocab_size: int):
+    """The config of a preset name, or of NAME@LEVELS: that preset with `max_levels` = LEVELS."""
+    import dataclasses as dc
+
+    from models.config import preset
+
+    base, _, levels = name.partition("@")
+    cfg = preset(base, vocab_size)
+    return dc.replace(cfg, max_levels=int(levels)) if levels else cfg
 
 
 @dataclasses.dataclass
@@ -65,13 +76,12 @@ def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str,
     import torch
 
     from models import LMN
-    from models.config import preset
 
     from .. import onnx_export
     from ..export import DEFAULT_FAST_PATHS, write_fast_paths
 
     torch.manual_seed(0)
-    model = LMN(preset(name, vocab_size)).eval()
+    model = LMN(preset_config(name, vocab_size)).eval()
     out = work / (f"prefill-{name}" if prefill_sizes else name)
     out.mkdir()
     extra = f", prefill {', '.join(map(str, prefill_sizes))}" if prefill_sizes else ""
@@ -266,12 +276,10 @@ def precision_figures(timings: dict, precision: str, directory: Path, bare_dir: 
 def bench_decode_speed(shipped_dir: Path, drive: list[int], s: SpeedSettings, work: Path, log) -> list[dict]:
     """Rows: per preset, the timing of every variant, and per precision the figures of
     `precision_figures` (the floor measured right after the timing, in the same process)."""
-    from models.config import preset
-
     shipped = runtime.load(shipped_dir, threads=s.threads)
     rows = []
     for name in s.presets:
-        cfg = dict(shipped.config) if name == EXPORT_PRESET else preset(name, shipped.config["vocab_size"]).to_dict()
+        cfg = dict(shipped.config) if name == EXPORT_PRESET else preset_config(name, shipped.config["vocab_size"]).to_dict()
         directory, weights = timed_folder(name, cfg, shipped, s.precisions, work, log)
         bare_dir = export_no_memory(cfg, work, s.precisions, log)
         steps, files = steppers(directory, s.precisions, s.threads)

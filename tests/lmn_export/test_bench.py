@@ -338,6 +338,14 @@ BAD_ARGUMENTS = {  # arguments -> the option the one-line error must name
     "threads-negative": (["--threads", "-1"], "--threads"),
     "speed-presets-unknown": (["--speed-presets", "logmem-32,logmem-64"], "--speed-presets"),
     "speed-presets-gpt": (["--speed-presets", "gpt2-32"], "--speed-presets"),  # the section times LMNs
+    "speed-presets-levels-zero": (["--speed-presets", "logmem-32@0"], "--speed-presets"),
+    "speed-presets-levels-over": (["--speed-presets", "logmem-32@63"], "--speed-presets"),
+    "speed-presets-levels-word": (["--speed-presets", "logmem-32@ten"], "--speed-presets"),
+    "speed-presets-export-levels": (["--speed-presets", "export@21"], "--speed-presets"),  # its own config
+    "recall-distances-zero": (["--recall-distances", "0"], "--recall-distances"),
+    "recall-distances-word": (["--recall-distances", "1K"], "--recall-distances"),
+    "recall-without-checkpoints": (["--sections", "recall"], "--recall-checkpoints"),
+    "recall-checkpoint-missing": (["--recall-checkpoints", "{tmp}/nothing"], "--recall-checkpoints"),
     "speed-precisions-unknown": (["--speed-precisions", "int4,fp16"], "--speed-precisions"),
     "json-parent-missing": (["--json", "{tmp}/missing/out.json"], "--json"),
     "json-is-a-folder": (["--json", "{tmp}"], "--json"),
@@ -385,6 +393,7 @@ def test_lmn_contexts_may_be_empty_and_contexts_are_sorted_once():
     assert parse_contexts(None, param["contexts"], " 4096, 1024,1024 ") == (1024, 4096)
     assert parse_presets(None, param["speed_presets"], "export, logmem-32,export") == ("export", "logmem-32")
     assert parse_presets(None, param["speed_presets"], "") == ()  # documented: skip the section
+    assert parse_presets(None, param["speed_presets"], "logmem-32,logmem-32@21") == ("logmem-32", "logmem-32@21")
     assert parse_precisions(None, param["speed_precisions"], "int4, dynamic-int8,int4") == ("fp32", "int4", "dynamic-int8")
 
 
