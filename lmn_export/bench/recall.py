@@ -25,7 +25,7 @@ KEY, QUERY = "#", "?"
 ALPHABET = FILLER + DIGITS + KEY + QUERY
 DISTANCES = (256, 1024, 4096, 16384, 65536)
 LEAD = 512  # probe streams start with 0..LEAD-1 letters of filler
-CHUNK = 4096  # tokens per parallel pass of the LMN
+PASS_TOKENS = 1 << 16  # tokens per parallel pass of the LMN, over all rows (bounds its activations)
 
 
 @dataclass
@@ -69,16 +69,18 @@ def probe_batch(distance: int, probes: int, rng: np.random.Generator) -> tuple[l
 
 def lmn_query_logits(model, tokens, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The LMN's logits at each row's query (B, V), and the same with its memory zeroed just before the
-    query (the negative control)."""
+    query (the negative control). The last pass reads from the earliest query to the end (at most LEAD +
+    3 tokens)."""
     import torch
 
     B, T = tokens.shape
-    first = int(queries.min())  # every row runs in parallel mode up to here, in CHUNK pieces
+    first = int(queries.min())  # every row runs in parallel mode up to here, in pieces of `chunk`
+    chunk = max(64, PASS_TOKENS // B)
     rows = torch.arange(B)
     with torch.no_grad():
         state = model.init_state(B)
-        for a in range(0, first, CHUNK):
-            _, state = model(tokens[:, a : min(a + CHUNK, first)], return_state=True, state=state)
+        for a in range(0, first, chunk):
+            _, state = model(tokens[:, a : min(a + chunk, first)], return_state=True, state=state)
         tail = tokens[:, first:]
         before = torch.from_numpy(queries - first)  # tokens of the tail each row reads before its query (B,)
         if int(before.min()) == 0:  # a row whose query opens the tail: read nothing more for it

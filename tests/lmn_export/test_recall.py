@@ -63,7 +63,7 @@ def test_lmn_query_logits_equal_stepping_and_zeroing_removes_the_memory(tiny_lmn
     """Parallel mode in chunks, then the tail from per-row lengths, reads each row's query as stepping does
     (1e-4: fp32 over ~700 positions). The control: the memory zeroed just before the query equals a step from a
     zero memory at the query's pointer; negative control: it differs from the true answer."""
-    monkeypatch.setattr(recall, "CHUNK", 128)  # several chunks: the carried state crosses boundaries
+    monkeypatch.setattr(recall, "PASS_TOKENS", 3 * 100)  # passes of 100 tokens: the carried state crosses boundaries
     streams, queries, _ = probe_batch(150, 3, np.random.default_rng(1))
     tokens = torch.tensor([VOCAB.encode(s) for s in streams])
     answer, zeroed = lmn_query_logits(tiny_lmn, tokens, queries)
