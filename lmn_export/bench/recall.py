@@ -1,13 +1,15 @@
 """Recall: a synthetic long-range probe of how far back a trained model's memory reaches.
 
-A passkey is written once (`#` and a digit), then `d` random letters of filler, then the query `?`;
-the model must predict the digit. The probe streams begin with 0-511 letters of filler (so the key
-falls at every alignment of the memory's blocks) and are scored by argmax over the ten digits
-(chance: 10%). Its negative controls: a windowed model is at chance once `d` passes its window, and
+A passkey is written once (`#` and a digit), then `d` characters of filler, then the query `?`; the
+model must predict the digit. The filler is one sentence repeated from a random phase (as in passkey
+retrieval): predictable text, so that what a model must carry is the digit alone, and its training
+loss is not drowned by unpredictable characters. The probe streams begin with 0-511 characters of
+filler (so the key falls at every alignment of the memory's blocks) and are scored by argmax over the
+ten digits (chance: 10%). Its negative controls: a windowed model is at chance once `d` passes its window, and
 so is an LMN whose memory is zeroed just before the query (the answer can only come from memory).
 
 Models learn the task from a training text of the same form (`python -m lmn_export.bench.recall`):
-episodes `#v <d letters> ?v` with d log-uniform in [1, max distance], between runs of filler.
+episodes `#v <d filler> ?v` with d log-uniform in [1, max distance], between runs of filler.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-FILLER = "abcdefghijklmnopqrstuvwxyz"
+FILLER = "the grass is green and the sky is blue. "  # repeated from a random phase
 DIGITS = "0123456789"
 KEY, QUERY = "#", "?"
-ALPHABET = FILLER + DIGITS + KEY + QUERY
+ALPHABET = "".join(sorted(set(FILLER + DIGITS + KEY + QUERY)))
 DISTANCES = (256, 1024, 4096, 16384, 65536)
-LEAD = 512  # probe streams start with 0..LEAD-1 letters of filler
+LEAD = 512  # probe streams start with 0..LEAD-1 characters of filler
 PASS_TOKENS = 1 << 16  # tokens per parallel pass of the LMN, over all rows (bounds its activations)
 
 
@@ -37,12 +39,14 @@ class RecallSettings:
 
 
 def filler(rng: np.random.Generator, n: int) -> str:
-    return "".join(np.asarray(list(FILLER))[rng.integers(0, len(FILLER), n)])
+    """`n` characters of the filler sentence, repeated from a random phase."""
+    phase = int(rng.integers(0, len(FILLER)))
+    return (FILLER * (n // len(FILLER) + 2))[phase : phase + n]
 
 
 def training_text(chars: int, max_distance: int, seed: int) -> str:
-    """`chars` characters of episodes `#v <d letters> ?v` (d log-uniform in [1, max_distance]), each
-    after 0-63 letters of filler."""
+    """`chars` characters of episodes `#v <d filler> ?v` (d log-uniform in [1, max_distance]), each
+    after 0-63 characters of filler."""
     rng = np.random.default_rng(seed)
     parts, size = [], 0
     while size < chars:
@@ -74,7 +78,7 @@ def lmn_query_logits(model, tokens, queries: np.ndarray) -> tuple[np.ndarray, np
     import torch
 
     B, T = tokens.shape
-    first = int(queries.min())  # every row runs in parallel mode up to here, in pieces of `chunk`
+    first = int(queries.min()) - 1  # every row runs in parallel mode up to here, in pieces of `chunk`
     chunk = max(64, PASS_TOKENS // B)
     rows = torch.arange(B)
     with torch.no_grad():
@@ -82,12 +86,8 @@ def lmn_query_logits(model, tokens, queries: np.ndarray) -> tuple[np.ndarray, np
         for a in range(0, first, chunk):
             _, state = model(tokens[:, a : min(a + chunk, first)], return_state=True, state=state)
         tail = tokens[:, first:]
-        before = torch.from_numpy(queries - first)  # tokens of the tail each row reads before its query (B,)
-        if int(before.min()) == 0:  # a row whose query opens the tail: read nothing more for it
-            state_before = state
-            logits, _ = model(tail, return_state=True, state=state)
-        else:
-            logits, state_before = model(tail, return_state=True, state=state, lengths=before)
+        before = torch.from_numpy(queries - first)  # tokens of the tail each row reads before its query, >= 1 (B,)
+        logits, state_before = model(tail, return_state=True, state=state, lengths=before)
         answer = logits[rows, before]  # (B, V)
         state_before.memory.zero_()
         zeroed, _ = model.step(tokens[rows, torch.from_numpy(queries)], state_before)  # (B, V)

@@ -208,7 +208,7 @@ def plot(r: dict, directory: Path) -> list[Path]:
 
 def print_recall(rows: list[dict]) -> None:
     """Recall accuracy by key-to-query distance (chance 10%); LMNs also with the memory zeroed."""
-    click.echo("\nrecall: accuracy of the digit written `distance` letters before the query (chance 10%):")
+    click.echo("\nrecall: accuracy of the digit written `distance` characters before the query (chance 10%):")
     for row in rows:
         cells = "  ".join(f"{e['distance']:,}: {e['accuracy']:.0%}"
                           + (f" (zeroed {e['accuracy_memory_zeroed']:.0%})" if "accuracy_memory_zeroed" in e else "")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lmn_export.bench import recall
 from lmn_export.bench.command import main as bench_main
-from lmn_export.bench.recall import (ALPHABET, DIGITS, KEY, QUERY, RecallSettings, accuracy, bench_recall, gpt_query_logits,
+from lmn_export.bench.recall import (ALPHABET, DIGITS, FILLER, KEY, QUERY, RecallSettings, accuracy, bench_recall, gpt_query_logits,
                                      lmn_query_logits, probe_batch, training_text)
 from models import GPT, LMN, GPTConfig, LMNConfig
 from models.checkpoint import save
@@ -25,7 +25,7 @@ VOCAB = CharVocab.from_text(ALPHABET)
 def test_training_text_holds_episodes_whose_query_repeats_the_key():
     text = training_text(20_000, max_distance=300, seed=3)
     assert len(text) == 20_000 and set(text) <= set(ALPHABET)
-    episodes = re.findall(r"#(\d)([a-z]*)\?(\d)", text)
+    episodes = re.findall(r"#(\d)([^#?\d]*)\?(\d)", text)
     assert len(episodes) > 50
     assert all(key == value for key, _, value in episodes)  # the answer is always the digit written
     distances = [len(f) for _, f, _ in episodes]
@@ -40,7 +40,8 @@ def test_probe_streams_ask_for_the_digit_at_the_distance_given():
     for s, q, d in zip(streams, queries, digits):
         assert s[q] == QUERY and s.count(QUERY) == 1 and s.count(KEY) == 1
         key = s.index(KEY)
-        assert s[key + 1] == DIGITS[d] and q - (key + 2) == 100  # exactly 100 letters between digit and query
+        assert s[key + 1] == DIGITS[d] and q - (key + 2) == 100  # exactly 100 filler characters between digit and query
+        assert set(s[key + 2 : q]) <= set(FILLER) and s[key + 2 : q] in FILLER * 5  # the sentence, repeated
         leads.add(key)
     assert len(leads) > 10  # the key falls at many alignments
 
@@ -48,7 +49,7 @@ def test_probe_streams_ask_for_the_digit_at_the_distance_given():
 def test_accuracy_reads_the_ten_digits_only():
     ids = np.asarray(VOCAB.encode(DIGITS))
     logits = np.zeros((2, len(VOCAB)))
-    logits[:, VOCAB.encode("a")[0]] = 9.0  # a letter outscoring every digit does not count
+    logits[:, VOCAB.encode("a")[0]] = 9.0  # a filler character outscoring every digit does not count
     logits[0, ids[3]], logits[1, ids[5]] = 1.0, 1.0
     assert accuracy(logits, ids, np.array([3, 4])) == 0.5
 
