@@ -55,7 +55,8 @@ UNIT = (WEIGHTS, OPTIMIZER, CONFIG)  # the order a commit moves them in
 COMMIT = ".checkpoint-commit"
 STAGING_PREFIX = f".checkpoint{TEMP_MARK}"
 DIGESTS = "sha256"  # config.json key: {file name: sha256 hex} of the files saved with it
-DEFAULT_CHECKPOINT = Path(__file__).parent / "default"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "default"  # the shipped model lmn-export exports by default
+SMALL_CHECKPOINT = Path(__file__).parent / "logmem-32"  # the small shipped model (LogMem-32): tests, quick runs
 MAX_CONFIG_BYTES = 16 << 20  # a config.json with a 65,536-character vocabulary is under 1 MB
 MAX_WEIGHTS_BYTES = 16 << 30  # far above any preset (the largest is tens of MB); refuses a sparse or endless file
 

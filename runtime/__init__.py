@@ -10,12 +10,12 @@
 
 from .backends import BackendError
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ManifestError, read_manifest
-from .model import DEFAULT_EXPORT, ExportedModel, load
+from .model import DEFAULT_EXPORT, SMALL_EXPORT, ExportedModel, load
 from .state_file import StateFileError
 from .stream import ContextFullError, Stream
 from .vocab import ByteVocab, UnknownCharacterError, Vocab
 
 __all__ = [
-    "DEFAULT_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ByteVocab", "ContextFullError", "ExportedModel", "Manifest", "ManifestError",
+    "DEFAULT_EXPORT", "SMALL_EXPORT", "FORMAT_VERSION", "MANIFEST", "BackendError", "ByteVocab", "ContextFullError", "ExportedModel", "Manifest", "ManifestError",
     "StateFileError", "Stream", "UnknownCharacterError", "Vocab", "load", "read_manifest",
 ]

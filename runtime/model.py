@@ -13,7 +13,8 @@ from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
 PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")  # the ONNX graph sets an export may hold (lmn-export --quantize)
-DEFAULT_EXPORT = Path(__file__).parent / "default"
+DEFAULT_EXPORT = Path(__file__).parent / "default"  # what lmn-chat and runtime.load() open with no folder
+SMALL_EXPORT = Path(__file__).parent / "logmem-32"  # the small shipped export (LogMem-32): tests, quick runs
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 

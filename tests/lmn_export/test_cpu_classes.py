@@ -21,7 +21,7 @@ pytest.importorskip("onnx", reason="quantizing needs the [export] install (onnx)
 
 from lmn_export.cpu_check import EMULATED  # noqa: E402
 from lmn_export.quantize import quantize_dynamic_file  # noqa: E402
-from runtime.model import DEFAULT_EXPORT  # noqa: E402
+from runtime.model import SMALL_EXPORT  # noqa: E402
 
 HASWELL = EMULATED["x86-64 AVX2, no VNNI (qemu-x86_64 -cpu Haswell)"][1]
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which(HASWELL[0]) is None,
@@ -60,7 +60,7 @@ def test_dynamic_int8_gives_the_same_logits_without_vnni(tmp_path):
     # uint8 weights: every kernel path sums exact integer products, so the logits are the same
     # integers dequantized on both CPUs; the fp32 parts (norms, attention) may order sums differently
     # with or without AVX-512, hence 1e-4 (measured: bit-identical on the shipped step).
-    quantize_dynamic_file(DEFAULT_EXPORT / "model.onnx", tmp_path / "q.onnx")
+    quantize_dynamic_file(SMALL_EXPORT / "model.onnx", tmp_path / "q.onnx")
     here, haswell = logits_here_and_on_haswell(tmp_path / "q.onnx", tmp_path)
     assert np.isfinite(here).all() and np.isfinite(haswell).all()
     assert np.abs(here - haswell).max() <= 1e-4
@@ -75,7 +75,7 @@ def test_negative_control_int8_weights_differ_without_vnni(tmp_path):
     # conformance vectors allow. If this stops failing, qemu no longer reaches another kernel path.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(DEFAULT_EXPORT / "model.onnx"), str(tmp_path / "s8.onnx"), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(SMALL_EXPORT / "model.onnx"), str(tmp_path / "s8.onnx"), weight_type=QuantType.QInt8)
     here, haswell = logits_here_and_on_haswell(tmp_path / "s8.onnx", tmp_path)
     assert np.abs(here - haswell).max() > 1.0
 

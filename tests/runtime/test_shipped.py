@@ -1,4 +1,5 @@
-"""The shipped default: the runtime's packaged export is the shipped checkpoint, exported."""
+"""The shipped models: each packaged export is its shipped checkpoint, exported (the default, which
+lmn-chat opens with no folder, and the small LogMem-32 the suite uses elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,36 @@ from click.testing import CliRunner
 import runtime
 from runtime.chat import main
 
-pytestmark = pytest.mark.skipif(not (runtime.DEFAULT_EXPORT / "lmn.json").is_file(), reason="no shipped export")
+SHIPPED = {"default": runtime.DEFAULT_EXPORT, "small": runtime.SMALL_EXPORT}
+CHECKPOINTS = {"default": "DEFAULT_CHECKPOINT", "small": "SMALL_CHECKPOINT"}  # names in models.checkpoint
+pytestmark = pytest.mark.skipif(not all((d / "lmn.json").is_file() for d in SHIPPED.values()), reason="no shipped export")
 
 
 TOKENS = 640  # past 512 = 2^(max_levels - 1): the memory fills and the fast paths take over
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """PyTorch logits (TOKENS, V) of the shipped checkpoint stepping the parity sample, and the ids."""
+def checkpoint_of(which: str):
+    import models.checkpoint
+
+    return getattr(models.checkpoint, CHECKPOINTS[which])
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def reference(request):
+    """(which shipped model, PyTorch logits (TOKENS, V) of its checkpoint stepping the parity sample, the ids,
+    the checkpoint's characters)."""
     torch = pytest.importorskip("torch")
     from lmn_export.parity_text import SAMPLE
     from models.checkpoint import load
 
-    torch_model, vocab, _ = load()
+    torch_model, vocab, _ = load(checkpoint_of(request.param))
     ids = vocab.encode((SAMPLE * 2)[: TOKENS + 1])
     state, out = torch_model.init_state(1), []
     with torch.no_grad():
         for token in ids[:-1]:
             logits, state = torch_model.step(torch.tensor([token]), state)
             out.append(logits[0].numpy())
-    return np.stack(out), ids, "".join(vocab.chars)
+    return request.param, np.stack(out), ids, "".join(vocab.chars)
 
 
 def stream_logits(model, ids):
@@ -41,11 +51,12 @@ def stream_logits(model, ids):
 
 
 def test_shipped_export_matches_shipped_checkpoint(reference):
-    from models.checkpoint import DEFAULT_CHECKPOINT, sha256
+    from models.checkpoint import sha256
 
-    want, ids, chars = reference
-    model = runtime.load()  # verifies every file hash against the manifest
-    assert model.source_sha256 == sha256(DEFAULT_CHECKPOINT), "re-export: lmn-export --out runtime/default --force"
+    which, want, ids, chars = reference
+    model = runtime.load(SHIPPED[which])  # verifies every file hash against the manifest
+    assert model.source_sha256 == sha256(checkpoint_of(which)), \
+        f"re-export: lmn-export {checkpoint_of(which)} --out {SHIPPED[which]} --force"
     assert chars == model.vocab.chars
     got, stream = stream_logits(model, ids[:-1])
     gap = float(np.abs(got - want).max())
@@ -65,8 +76,10 @@ def test_shipped_quantized_graphs_stay_close_to_the_checkpoint(reference, precis
     from lmn_export.quantize import GATES
     from runtime.manifest import precision_of
 
-    want, ids, _ = reference
-    model = runtime.load(precision=precision)
+    which, want, ids, _ = reference
+    if precision not in runtime.read_manifest(SHIPPED[which]).precisions("onnx"):
+        pytest.skip(f"the shipped {which} export has no {precision} graphs")
+    model = runtime.load(SHIPPED[which], precision=precision)
     got, stream = stream_logits(model, ids[:-1])
     assert np.isfinite(got).all()
     own = {g["file"] for g in model.manifest.graphs("onnx") if g["name"] in ("step", "step_levels")
@@ -89,3 +102,4 @@ def test_chat_runs_the_default_with_no_folder():
     result = CliRunner().invoke(main, ["--prompt", "ROMEO:\n", "--max-tokens", "60", "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert len(result.output) == 61
+    assert runtime.load().directory == runtime.DEFAULT_EXPORT
