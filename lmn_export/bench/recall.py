@@ -99,9 +99,9 @@ def gpt_query_logits(model, tokens, queries: np.ndarray) -> np.ndarray:
     import torch
 
     block = model.config.block_size
-    windows = torch.stack([tokens[r, max(0, q - block + 1) : q + 1] for r, q in enumerate(queries.tolist())])
-    with torch.no_grad():
-        return model(windows)[:, -1].numpy()
+    with torch.no_grad():  # row by row: a query closer to the start than `block` has a shorter window
+        return torch.cat([model(tokens[r : r + 1, max(0, q - block + 1) : q + 1])[:, -1]
+                          for r, q in enumerate(queries.tolist())]).numpy()
 
 
 def accuracy(logits: np.ndarray, digit_ids: np.ndarray, digits: np.ndarray) -> float:

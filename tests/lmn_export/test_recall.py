@@ -83,13 +83,17 @@ def test_lmn_query_logits_equal_stepping_and_zeroing_removes_the_memory(tiny_lmn
 
 def test_gpt_reads_the_window_that_ends_at_the_query():
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=len(VOCAB), n_embd=16, n_head=2, n_layer=2, block_size=32)).eval()
-    streams, queries, _ = probe_batch(10, 2, np.random.default_rng(2))
+    gpt = GPT(GPTConfig(vocab_size=len(VOCAB), n_embd=16, n_head=2, n_layer=2, block_size=64)).eval()
+    streams, queries, _ = probe_batch(10, 6, np.random.default_rng(2))
+    assert queries.min() < 63 < queries.max()  # some windows start at the stream's start: shorter than 64
     tokens = torch.tensor([VOCAB.encode(s) for s in streams])
     logits = gpt_query_logits(gpt, tokens, queries)
     with torch.no_grad():
+        r = int(queries.argmin())
+        np.testing.assert_allclose(logits[r], gpt(tokens[r : r + 1, : queries[r] + 1])[0, -1].numpy(), atol=1e-5)
+    with torch.no_grad():
         q = int(queries[1])
-        own = gpt(tokens[1:2, q - 31 : q + 1])[0, -1].numpy()
+        own = gpt(tokens[1:2, q - 63 : q + 1])[0, -1].numpy()
         shorter = gpt(tokens[1:2, q - 15 : q + 1])[0, -1].numpy()
     np.testing.assert_allclose(logits[1], own, atol=1e-5)
     assert np.abs(logits[1] - shorter).max() > 1e-3  # negative control: another window gives other logits
