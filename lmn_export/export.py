@@ -16,6 +16,7 @@ import onnxruntime  # noqa: F401 - imported up front: a signal during a lazy C-e
 import torch
 
 from runtime.atomic import remove_stale_folders, staged_folder
+from runtime.backends import fast_paths_mask_empty_slots
 from runtime.reader import excerpt
 from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
@@ -39,7 +40,8 @@ DEFAULT_FAST_PATHS = 4
 MAX_PARITY_TOKENS = 1_000_000  # a parity stream steps each token in PyTorch: minutes at the bound
 MAX_FAST_PATHS = 61  # a fast path per level count: max_levels <= 62
 MAX_PREFILL = 1 << 16  # prefill graph sizes: a (size, vocab) logits tensor and the slot layout stay in memory
-FAST_PATH_REACH_CAP = 4096  # longest stream from pointer 0 the fast-path check runs (max_levels <= 12 reach a fast path)
+FAST_PATH_REACH_CAP = 4096  # longest stream from pointer 0 the fast-path check runs (max_levels <= 12 reach a fast path;
+# deeper memories' fast paths mask their empty slots and apply from pointer 0)
 
 
 @dataclass
@@ -169,12 +171,14 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
 
 
 def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progress=lambda message: None) -> list[dict]:
-    """Write step graphs for tokens that re-summarize exactly k = 0..count-1 levels; their manifest entries."""
+    """Write step graphs for tokens that re-summarize exactly k = 0..count-1 levels; their manifest entries.
+    They assume a full memory, or, for a deep one, mask its empty slots (`fast_paths_mask_empty_slots`)."""
     entries = []
+    full = not fast_paths_mask_empty_slots(model.config.max_levels)
     for k in range(min(count, model.config.max_levels)):
         name = f"step_levels_{k}.onnx"
-        progress(f"exporting ONNX fast-path step graph ({k} summary levels)")
-        onnx_export.export_step(model, directory / name, opset, levels=k, full=True)
+        progress(f"exporting ONNX fast-path step graph ({k} summary levels{'' if full else ', empty slots masked'})")
+        onnx_export.export_step(model, directory / name, opset, levels=k, full=full)
         entries.append({"name": "step_levels", "levels": k, "target": "onnx",
                         "file": name, "precision": "fp32", "opset": opset, **spec.to_dict()})
     return entries
@@ -182,7 +186,10 @@ def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progr
 
 def fast_path_reach(model, parity_tokens: int) -> int:
     """Tokens the fast-path check streams from pointer 0: past the first fast path (pointer 2^(max_levels-1))
-    by 64 tokens, so the hand-over from a filling memory is checked; capped at FAST_PATH_REACH_CAP."""
+    by 64 tokens, so the hand-over from a filling memory is checked, capped at FAST_PATH_REACH_CAP; fast paths
+    that mask the empty slots run from pointer 0, so `parity_tokens` covers them."""
+    if fast_paths_mask_empty_slots(model.config.max_levels):
+        return parity_tokens
     return max(parity_tokens, min(2 ** (model.config.max_levels - 1) + 64, FAST_PATH_REACH_CAP))
 
 

@@ -37,6 +37,16 @@ def empty_state(graph: dict, batch: int = 1) -> dict[str, np.ndarray]:
     return state
 
 
+FULL_MEMORY_FAST_PATH_LEVELS = 12  # up to this many levels the memory fills within 2,047 tokens
+
+
+def fast_paths_mask_empty_slots(max_levels: int) -> bool:
+    """Whether lmn-export traces a model's fast paths with the empty slots masked (valid from pointer 0), as
+    it does for a memory deeper than FULL_MEMORY_FAST_PATH_LEVELS, which would otherwise run the general
+    step for its first 2^(max_levels-1) - 1 tokens (a million at 21 levels)."""
+    return max_levels > FULL_MEMORY_FAST_PATH_LEVELS
+
+
 class FastPathRule:
     """lmn.json `fast_paths` as code: the step_levels graph a step at input pointer p may take."""
 
@@ -49,7 +59,11 @@ class FastPathRule:
 
     @classmethod
     def for_max_levels(cls, max_levels: int) -> "FastPathRule":
-        """The rule lmn-export writes for a model of `max_levels` levels: memory full from pointer 2^(max_levels-1) - 1."""
+        """The rule lmn-export writes for a model of `max_levels` levels: from pointer 2^(max_levels-1) - 1, where
+        the memory is full, for fast paths that assume it full; from pointer 0 for fast paths that mask the
+        empty slots (`fast_paths_mask_empty_slots`)."""
+        if fast_paths_mask_empty_slots(max_levels):
+            return cls(0, max_levels - 1)
         return cls((1 << (max_levels - 1)) - 1, max_levels - 1)
 
     def levels(self, pointer: int) -> int | None:

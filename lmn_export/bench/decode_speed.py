@@ -113,7 +113,8 @@ def requantize_export(shipped: runtime.ExportedModel, work: Path, precisions: tu
 
 
 def export_no_memory(config: dict, work: Path, precisions: tuple[str, ...], log) -> Path:
-    """The same model with its memory removed (max_levels 1), its step graph at every precision."""
+    """The same model with its memory removed (max_levels 1), its step graph at every precision (made once per
+    width: presets that differ only in their levels share it)."""
     import torch
 
     from models import LMN, LMNConfig
@@ -124,6 +125,8 @@ def export_no_memory(config: dict, work: Path, precisions: tuple[str, ...], log)
     fields = {f.name for f in dataclasses.fields(LMNConfig)}
     cfg = LMNConfig(**{**{k: v for k, v in config.items() if k in fields}, "max_levels": 1})
     out = work / f"no-memory-{cfg.n_embd}"
+    if out.is_dir():
+        return out
     out.mkdir()
     log(f"E={cfg.n_embd}: exporting the memory-free model")
     spec = onnx_export.export_step(LMN(cfg).eval(), out / "model.onnx").to_dict()

@@ -87,6 +87,47 @@ def test_fast_paths_listed_and_used(full_export, precision):
     assert precision_of(prefill) == ("fp32" if precision in ("fp32", "dynamic-int8") else precision)
 
 
+def test_a_deep_memory_takes_masked_fast_paths_from_its_first_token(checkpoint, tmp_path):
+    """Past 12 levels (a memory that fills only after 2^(L-1) - 1 tokens: a million at 21) the fast paths mask
+    the empty slots: the manifest says they apply from pointer 0, a stream takes them from its first tokens, and
+    its logits equal PyTorch stepping (1e-4, the export's fp32 bound). Negative control: a fast path that
+    assumes a full memory, run there, is wrong."""
+    import onnxruntime as ort
+    import torch
+
+    import runtime
+    from lmn_export.onnx_export import export_step
+    from models.checkpoint import load, save
+
+    from .conftest import VOCAB, tiny_model
+
+    model = tiny_model(max_levels=14)
+    save(tmp_path / "deep", model, VOCAB)
+    result = export(tmp_path / "deep", tmp_path / "out", ExportOptions(prefill_sizes=(16,), parity_tokens=40))
+    assert result.passed
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.fast_paths["valid_from_pointer"] == 0 and manifest.fast_paths["levels_cap"] == 13
+    assert next(r for r in result.reports if r.graph == "onnx fast paths @0").extra["fast_path_steps"] == \
+        {"0": 20, "1": 10, "2": 5, "3": 3}  # 40 tokens from pointer 0: fast paths from the first
+    ids = [i % len(VOCAB) for i in range(60)]
+    stream, got = runtime.Stream(runtime.load(tmp_path / "out")), []
+    for i in ids:
+        stream.feed_ids([i])
+        got.append(stream.logits.copy())
+    assert sum(n for f, n in stream.stepper.calls.items() if f.startswith("step_levels_")) == 60 - 60 // 16
+    state, want = model.init_state(1), []
+    with torch.no_grad():
+        for i in ids:
+            logits, state = model.step(torch.tensor([i]), state)
+            want.append(logits[0].numpy())
+    assert float(np.abs(np.stack(got) - np.stack(want)).max()) < 1e-4
+    export_step(model, tmp_path / "full.onnx", levels=0, full=True)  # the unmasked fast path at pointer 0
+    empty = model.init_state(1)
+    wrong = ort.InferenceSession(str(tmp_path / "full.onnx")).run(None, {
+        "token": np.array([ids[0]]), "memory": empty.memory.numpy(), "pointer": np.array([0])})[0]
+    assert float(np.abs(wrong[0] - want[0]).max()) > 1e-2
+
+
 def _reseal(directory, change) -> None:
     """Edit a copied export's manifest and seal it again, as an exporter would."""
     data = json.loads((directory / "lmn.json").read_text())
