@@ -24,9 +24,7 @@ import os
 import pickle
 import shutil
 import stat
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,23 +58,8 @@ SMALL_CHECKPOINT = Path(__file__).parent / "logmem-32"  # the small shipped mode
 MAX_CONFIG_BYTES = 16 << 20  # a config.json with a 65,536-character vocabulary is under 1 MB
 MAX_WEIGHTS_BYTES = 16 << 30  # far above any preset (the largest is tens of MB); refuses a sparse or endless file
 
-# Tests only: LMN_TEST_PAUSE_IN_CHECKPOINT=<phase> makes the writer announce the phase on stderr and
-# sleep there (once per process), so a test can kill it at that exact point. Phases: "staged" (new
-# files written, not committed), "committed" (commit folder in place, nothing moved), "moving" (the
-# weights moved over the old ones, the rest not yet).
-PAUSE_ENV = "LMN_TEST_PAUSE_IN_CHECKPOINT"
-_paused: set[str] = set()
-
-
 class CheckpointError(Exception):
     """A checkpoint folder that cannot be loaded or written; the message says what to do."""
-
-
-def _test_pause(phase: str) -> None:
-    if os.environ.get(PAUSE_ENV) == phase and phase not in _paused:
-        _paused.add(phase)
-        print(f"{PAUSE_ENV}: paused at {phase}", file=sys.stderr, flush=True)
-        time.sleep(120)
 
 
 def save(directory: Path | str, model, vocab: Vocab, training: dict[str, Any] | None = None,
@@ -152,14 +135,12 @@ def commit(directory: Path, files: dict[str, bytes]) -> None:
                 write_atomic(staging / name, data)
                 keep_mode(staging / name, directory / name)
             fsync_directory(staging)
-            _test_pause("staged")
             os.rename(staging, directory / COMMIT)  # the commit point
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         try:
             fsync_directory(directory)
-            _test_pause("committed")
             roll_forward(directory)
         except BaseException:  # a signal after the commit point: finish the moves before stopping
             roll_forward(directory)
@@ -178,7 +159,6 @@ def roll_forward(directory: Path) -> None:
     for name in UNIT:
         with contextlib.suppress(FileNotFoundError):  # moved already, or not part of this checkpoint
             os.replace(commit_folder / name, directory / name)
-            _test_pause("moving")
     fsync_directory(directory)
     shutil.rmtree(commit_folder, ignore_errors=True)
     fsync_directory(directory)

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from models import checkpoint
-from models.checkpoint import COMMIT, PAUSE_ENV, CheckpointError, load, locked, recover, save
+from models.checkpoint import COMMIT, CheckpointError, load, locked, recover, save
 from models.train import main
 from runtime.atomic import TEMP_MARK
 
@@ -27,6 +27,7 @@ from .train_cli import train
 pytestmark = pytest.mark.faults
 
 ROOT = Path(__file__).resolve().parents[2]
+PAUSED_TRAIN = Path(__file__).with_name("paused_train.py")
 QUICK = ["--preset", "tinylogmem-32", "--batch", "2", "--block", "16", "--eval-interval", "1", "--eval-batches", "1",
          "--threads", "1"]
 PAUSE_TIMEOUT_S = 120  # a cold torch import plus two tiny steps on a loaded 2-core CI box; seen at ~5 s
@@ -45,11 +46,10 @@ def leftovers(out: Path) -> list[str]:
 
 
 def start_paused(out: Path, text_file: Path, phase: str) -> subprocess.Popen:
-    """`python -m models.train --resume` to step 3, stopped at `phase` of the step-2 checkpoint write."""
-    cmd = [sys.executable, "-m", "models.train", "--data", str(text_file), "--steps", "3", "--out", str(out),
+    """lmn-train --resume to step 3, stopped at `phase` of the step-2 checkpoint write (tests/models/paused_train.py)."""
+    cmd = [sys.executable, str(PAUSED_TRAIN), phase, "--data", str(text_file), "--steps", "3", "--out", str(out),
            "--resume", *QUICK]
-    env = {**os.environ, PAUSE_ENV: phase, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     wait_for_line(proc, f"paused at {phase}")
     return proc
 
