@@ -334,27 +334,36 @@ def diverged(step: int, settings: TrainSettings, saved: int) -> str:
     return f"the loss became NaN or infinite at step {step}; lower --lr (now {settings.lr:g}) and {then}"
 
 
-def train(
-    data: TrainingData,
-    out: Path,
-    preset_name: str | None,
-    settings: TrainSettings,
-    resume: bool = False,
-    progress: bool = True,
-    dist: Distributed | None = None,
-    init: Path | None = None,
-) -> dict[str, float]:
-    """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses.
+@dataclass
+class Run:
+    """One training run as set up: what each step reads and updates, and what each checkpoint saves."""
 
-    `preset_name` None: DEFAULT_PRESET, or a resumed checkpoint's own (another one is refused). A resumed
-    checkpoint already at `settings.steps` or past it trains nothing and returns the losses it recorded.
-    `init`: a new run that starts from that checkpoint's weights and vocabulary (its config, with
-    `settings.levels` if given: an LMN's weights do not depend on its number of levels), a fresh optimizer.
-    """
-    dist = dist or Distributed()
-    device = placement(settings, dist.local_rank)
-    out = Path(out)
-    meta: dict[str, Any] = {"training": {}}
+    settings: TrainSettings
+    out: Path
+    dist: Distributed
+    device: torch.device
+    preset_name: str
+    model: torch.nn.Module  # the plain module: evaluation and checkpoints
+    trained: torch.nn.Module  # what a step calls: `model`, wrapped in DDP and/or torch.compile
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    vocab: Any
+    corpus: Corpus
+    rows: CarriedRows | None  # --carry: each batch row's stretch and carried state
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # fp16 loss scaling (torch.amp.GradScaler), else None
+    facts: dict[str, Any]  # how the run trains, recorded in config.json and every log line
+    done: int  # the step of the last checkpoint
+    tokens: int  # trained on so far, across world sizes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.settings.batch * self.settings.block * self.settings.grad_accum * self.dist.world_size
+
+
+def start_model(data: TrainingData, out: Path, preset_name: str | None, settings: TrainSettings, resume: bool,
+                init: Path | None) -> tuple[torch.nn.Module, Any, dict[str, Any], str]:
+    """The model to train, its vocabulary, the checkpoint's metadata and the preset name: resumed from `out`,
+    started from `init`'s weights, or a new `preset_name` model."""
     if resume:
         model, vocab, meta = load(out)
         model.train()
@@ -366,29 +375,27 @@ def train(
         if settings.levels is not None and settings.levels != levels:
             raise ConfigError(f"--resume: the checkpoint in {out} has {levels} levels, not --levels {settings.levels}; "
                               "drop --levels, or train another --out")
-        preset_name = saved or preset_name or DEFAULT_PRESET
-    elif init is not None:  # a new run from another checkpoint's weights (its vocabulary, a fresh optimizer)
+        return model, vocab, meta, saved or preset_name or DEFAULT_PRESET
+    if init is not None:  # a new run from another checkpoint's weights (its vocabulary, a fresh optimizer)
         start, vocab, start_meta = load(init)
-        preset_name = preset_name or start_meta["training"].get("preset") or DEFAULT_PRESET
         model = build_model(with_levels(start.config, settings))  # the weights do not depend on max_levels
         model.load_state_dict(start.state_dict())
         model.train()
-    else:
-        preset_name = preset_name or DEFAULT_PRESET
-        vocab = data.vocab
-        cfg = with_levels(preset(preset_name, vocab_size=len(vocab)), settings)
-        torch.manual_seed(settings.seed)
-        model = build_model(cfg)
-    if settings.carry and not isinstance(model.config, LMNConfig):
-        raise ConfigError(f"--carry trains an LMN's memory across windows; {preset_name} has none (drop --carry)")
-    done = int(meta["training"].get("step", 0))
-    if resume and done >= settings.steps:  # nothing to train: the checkpoint's own losses, never NaN
-        return recorded_losses(meta)
+        return model, vocab, {"training": {}}, preset_name or start_meta["training"].get("preset") or DEFAULT_PRESET
+    preset_name = preset_name or DEFAULT_PRESET
+    cfg = with_levels(preset(preset_name, vocab_size=len(data.vocab)), settings)
+    torch.manual_seed(settings.seed)
+    return build_model(cfg), data.vocab, {"training": {}}, preset_name
+
+
+def set_up(model, vocab, meta: dict[str, Any], preset_name: str, data: TrainingData, out: Path,
+           settings: TrainSettings, resume: bool, dist: Distributed, device: torch.device) -> Run:
+    """Place the model, build the optimizer (and restore its state and the carried rows on --resume), wrap
+    the model for DDP and torch.compile, and trim the log to the checkpoint."""
     if isinstance(model.config, GPTConfig) and settings.block > model.config.block_size:
         raise ConfigError(f"--block {settings.block} exceeds the GPT position table ({model.config.block_size} rows)")
     corpus = data.corpus(vocab)  # a resumed checkpoint's vocabulary must match the data's
     corpus.check_block(settings.block)
-
     rows = None
     if settings.carry:
         CarriedRows.check(len(corpus.train), settings.carry)
@@ -410,32 +417,113 @@ def train(
     if scaler is not None and saved_scale and isinstance(saved_scale, dict):
         with contextlib.suppress(RuntimeError, KeyError, TypeError, ValueError):  # unusable: recalibrate from 2^16
             scaler.load_state_dict(saved_scale)
+    done = int(meta["training"].get("step", 0))
     if dist.main:
         trim_log(out / LOG, done, meta["training"].get("last_log"))
-    # What config.json and each log line record about how the run trains.
-    runtime = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
-               "carry": settings.carry, "carry_reset": settings.carry_reset,
-               "compile": settings.compile, "world_size": dist.world_size}
-    tokens_per_step = settings.batch * settings.block * settings.grad_accum * dist.world_size
+    facts = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
+             "carry": settings.carry, "carry_reset": settings.carry_reset,
+             "compile": settings.compile, "world_size": dist.world_size}
+    run = Run(settings, out, dist, device, preset_name, model, trained, ddp, vocab, corpus, rows, optimizer, scaler,
+              facts, done, tokens=0)
     last_log = meta["training"].get("last_log") or {}
-    tokens = int(last_log.get("tokens", done * tokens_per_step))  # trained on so far, across world sizes
+    run.tokens = int(last_log.get("tokens", done * run.tokens_per_step))
+    return run
 
-    def checkpoint(step: int, losses: dict[str, float], record: dict[str, Any], carried: list | None) -> None:
-        facts = {
-            "preset": preset_name, "step": step, "parameters": count_parameters(model),
-            **{f"{k}_loss": round(v, 4) for k, v in losses.items()},
-            "settings": dataclasses.asdict(settings), **runtime, "tokens": tokens, "last_log": record,
-        }
-        if scaler is not None:
-            facts["grad_scaler"] = scaler.state_dict()
-        state = optimizer.state_dict()
-        if carried is not None:  # every rank's carried states, in rank order
-            state = {**state, CARRY_KEY: carried}
-        save(out, model, vocab, facts, state)  # the plain module: cpu fp32 tensors, no _orig_mod. keys
+
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step (step index `step`, 0-based): its micro-batches, clipping, the divergence check and
+    the update. Returns the step's loss, the mean over its windows."""
+    settings = run.settings
+    # Micro-batch k of a step is the k-th draw from the step's generator, so --grad-accum 1 draws
+    # what it always did, and two micro-batches of B windows are the windows of one of 2B.
+    generator = step_generator(settings.seed, run.dist.rank, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    batch_loss = torch.zeros((), device=run.device)  # the step's summed micro-batch losses
+    for micro in range(settings.grad_accum):
+        if run.rows is None:
+            x, y = Corpus.batch(run.corpus.train, settings.batch, settings.block, generator)
+        else:  # the next window of each row's stretch, from the state its last window left
+            x, y, state_in = run.rows.batch_at(run.corpus.train, step, micro, run.model)
+        x, y = x.to(run.device), y.to(run.device)  # (B, T), (B, T)
+        syncs = run.ddp is None or micro + 1 == settings.grad_accum  # DDP all-reduces on the last only
+        try:
+            with contextlib.nullcontext() if syncs else run.ddp.no_sync():
+                with autocast(run.device, settings.precision):
+                    if run.rows is None:
+                        logits = run.trained(x)
+                    else:
+                        logits, after = run.trained(x, return_state=True, state=state_in)
+                        run.rows.keep(micro, after)
+                    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                scaled = loss / settings.grad_accum if settings.grad_accum > 1 else loss
+                (scaled if run.scaler is None else run.scaler.scale(scaled)).backward()
+        except Exception as e:
+            if settings.compile and is_compile_error(e):
+                raise compile_failed(e) from None
+            raise
+        batch_loss = batch_loss + loss.detach().float()
+    if settings.grad_accum > 1:
+        batch_loss = batch_loss / settings.grad_accum  # the mean over the step's windows
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients; notes an overflow for scaler.step
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), settings.grad_clip or math.inf)
+    watched = batch_loss.reshape(1) if run.scaler is not None else torch.stack([batch_loss, norm])
+    check_finite(step + 1, watched, run.dist, settings, run.done)
+    if run.scaler is None:
+        run.optimizer.step()
+    else:
+        run.scaler.step(run.optimizer)  # skipped when unscale_ found an inf/NaN gradient
+        run.scaler.update()
+    run.tokens += run.tokens_per_step
+    return batch_loss
+
+
+def save_checkpoint(run: Run, step: int, losses: dict[str, float], record: dict[str, Any], carried: list | None) -> None:
+    """Replace the checkpoint in run.out with the run at `step`, then append its log line (only once it has committed)."""
+    facts = {
+        "preset": run.preset_name, "step": step, "parameters": count_parameters(run.model),
+        **{f"{k}_loss": round(v, 4) for k, v in losses.items()},
+        "settings": dataclasses.asdict(run.settings), **run.facts, "tokens": run.tokens, "last_log": record,
+    }
+    if run.scaler is not None:
+        facts["grad_scaler"] = run.scaler.state_dict()
+    state = run.optimizer.state_dict()
+    if carried is not None:  # every rank's carried states, in rank order
+        state = {**state, CARRY_KEY: carried}
+    save(run.out, run.model, run.vocab, facts, state)  # the plain module: cpu fp32 tensors, no _orig_mod. keys
+    append_log(run.out / LOG, record)
+    run.done = step
+
+
+def train(
+    data: TrainingData,
+    out: Path,
+    preset_name: str | None,
+    settings: TrainSettings,
+    resume: bool = False,
+    progress: bool = True,
+    dist: Distributed | None = None,
+    init: Path | None = None,
+) -> dict[str, float]:
+    """Train (or resume) a model on `data` (`open_training_data`), writing a checkpoint to `out`. Returns final losses.
+
+    `preset_name` None: DEFAULT_PRESET, or a resumed checkpoint's own (another one is refused). A resumed
+    checkpoint already at `settings.steps` or past it trains nothing and returns the losses it recorded.
+    `init`: a new run that starts from that checkpoint's weights and vocabulary (its config, with
+    `settings.levels` if given: an LMN's weights do not depend on its number of levels), a fresh optimizer.
+    """
+    dist = dist or Distributed()
+    device = placement(settings, dist.local_rank)
+    out = Path(out)
+    model, vocab, meta, preset_name = start_model(data, out, preset_name, settings, resume, init)
+    if settings.carry and not isinstance(model.config, LMNConfig):
+        raise ConfigError(f"--carry trains an LMN's memory across windows; {preset_name} has none (drop --carry)")
+    if resume and int(meta["training"].get("step", 0)) >= settings.steps:  # nothing to train: its own losses, never NaN
+        return recorded_losses(meta)
+    run = set_up(model, vocab, meta, preset_name, data, out, settings, resume, dist, device)
 
     losses = {"train": math.nan, "val": math.nan}
     start = time.time()
-    steps = range(done, settings.steps)
     show = progress and dist.main
     run_tokens, run_s = 0, 0.0  # trained by this run (evaluation excluded): the progress bar's tokens/s
     window_tokens, window_s = 0, 0.0  # the same since the last log line: its tokens_per_s
@@ -447,68 +535,28 @@ def train(
         return f"train {losses['train']:.4f} val {losses['val']:.4f}{rate}"
 
     with open(os.devnull, "w") as devnull, click.progressbar(
-        steps, label=f"training {preset_name}", item_show_func=status, file=sys.stderr if show else devnull
+        range(run.done, settings.steps), label=f"training {preset_name}", item_show_func=status,
+        file=sys.stderr if show else devnull,
     ) as bar:
         for step in bar:
             tick = time.perf_counter()
-            # Micro-batch k of a step is the k-th draw from the step's generator, so --grad-accum 1 draws
-            # what it always did, and two micro-batches of B windows are the windows of one of 2B.
-            generator = step_generator(settings.seed, dist.rank, step)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss = torch.zeros((), device=device)  # the step's summed micro-batch losses
-            for micro in range(settings.grad_accum):
-                if rows is None:
-                    x, y = Corpus.batch(corpus.train, settings.batch, settings.block, generator)
-                else:  # the next window of each row's stretch, from the state its last window left
-                    x, y, state_in = rows.batch_at(corpus.train, step, micro, model)
-                x, y = x.to(device), y.to(device)  # (B, T), (B, T)
-                syncs = ddp is None or micro + 1 == settings.grad_accum  # DDP all-reduces on the last only
-                try:
-                    with contextlib.nullcontext() if syncs else ddp.no_sync():
-                        with autocast(device, settings.precision):
-                            if rows is None:
-                                logits = trained(x)
-                            else:
-                                logits, after = trained(x, return_state=True, state=state_in)
-                                rows.keep(micro, after)
-                            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                        scaled = loss / settings.grad_accum if settings.grad_accum > 1 else loss
-                        (scaled if scaler is None else scaler.scale(scaled)).backward()
-                except Exception as e:
-                    if settings.compile and is_compile_error(e):
-                        raise compile_failed(e) from None
-                    raise
-                batch_loss = batch_loss + loss.detach().float()
-            if settings.grad_accum > 1:
-                batch_loss = batch_loss / settings.grad_accum  # the mean over the step's windows
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients; notes an overflow for scaler.step
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
-            watched = batch_loss.reshape(1) if scaler is not None else torch.stack([batch_loss, norm])
-            check_finite(step + 1, watched, dist, settings, done)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skipped when unscale_ found an inf/NaN gradient
-                scaler.update()
+            batch_loss = train_step(run, step)
             seconds = time.perf_counter() - tick
-            tokens += tokens_per_step
-            run_tokens, run_s = run_tokens + tokens_per_step, run_s + seconds
-            window_tokens, window_s = window_tokens + tokens_per_step, window_s + seconds
-            last = step + 1 == settings.steps
-            at_checkpoint = (step + 1) % settings.eval_interval == 0 or last
-            carried = gather_carry(rows, dist) if rows is not None and at_checkpoint else None  # every rank calls it
-            if dist.main and at_checkpoint:
-                losses = evaluate(model, corpus, settings)
+            run_tokens, run_s = run_tokens + run.tokens_per_step, run_s + seconds
+            window_tokens, window_s = window_tokens + run.tokens_per_step, window_s + seconds
+            at_checkpoint = (step + 1) % settings.eval_interval == 0 or step + 1 == settings.steps
+            if not at_checkpoint:
+                continue
+            carried = gather_carry(run.rows, dist) if run.rows is not None else None  # every rank calls it
+            if dist.main:
+                losses = evaluate(model, run.corpus, settings)
                 if not all(math.isfinite(v) for v in losses.values()):
-                    raise TrainingError(diverged(step + 1, settings, done))
+                    raise TrainingError(diverged(step + 1, settings, run.done))
                 record = {"step": step + 1, "train_loss": losses["train"], "val_loss": losses["val"],
                           "batch_loss": batch_loss.item(), "elapsed_s": round(time.time() - start, 1),
-                          "tokens": tokens, "tokens_per_s": round(window_tokens / window_s, 1) if window_s else 0.0,
-                          **runtime}
-                checkpoint(step + 1, losses, record, carried)
-                append_log(out / LOG, record)  # only once its checkpoint has committed
-                done = step + 1
+                          "tokens": run.tokens,
+                          "tokens_per_s": round(window_tokens / window_s, 1) if window_s else 0.0, **run.facts}
+                save_checkpoint(run, step + 1, losses, record, carried)
                 window_tokens, window_s = 0, 0.0
     return losses
 
