@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from . import contract, coreml_export, onnx_export
 from .conformance_vectors import write_conformance
+from .graphs import step_spec
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
@@ -170,7 +172,7 @@ def export(checkpoint: Path | str | None, out: Path | str, options: ExportOption
     return result
 
 
-def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progress=lambda message: None) -> list[dict]:
+def write_fast_paths(model, directory: Path, count: int, opset: int, progress=lambda message: None) -> list[dict]:
     """Write step graphs for tokens that re-summarize exactly k = 0..count-1 levels; their manifest entries.
     They assume a full memory, or, for a deep one, mask its empty slots (`fast_paths_mask_empty_slots`)."""
     entries = []
@@ -178,7 +180,7 @@ def write_fast_paths(model, directory: Path, count: int, opset: int, spec, progr
     for k in range(min(count, model.config.max_levels)):
         name = f"step_levels_{k}.onnx"
         progress(f"exporting ONNX fast-path step graph ({k} summary levels{'' if full else ', empty slots masked'})")
-        onnx_export.export_step(model, directory / name, opset, levels=k, full=full)
+        spec = onnx_export.export_step(model, directory / name, opset, levels=k, full=full)
         entries.append({"name": "step_levels", "levels": k, "target": "onnx",
                         "file": name, "precision": "fp32", "opset": opset, **spec.to_dict()})
     return entries
@@ -193,15 +195,17 @@ def fast_path_reach(model, parity_tokens: int) -> int:
     return max(parity_tokens, min(2 ** (model.config.max_levels - 1) + 64, FAST_PATH_REACH_CAP))
 
 
-def _export_fast_paths(work: Path, model, general: OnnxPredictor, spec, text_ids: list[int], options: ExportOptions,
-                       graphs: list, progress) -> list[ParityReport]:
-    """Fast-path graphs (`write_fast_paths`), checked by streaming each parity row alone (batch 1, as
-    the runtime steps) through the graphs picked per token; the row from pointer 0 runs into the fast paths."""
+def check_fast_paths(work: Path, model, entries: list[dict], text_ids: list[int], options: ExportOptions,
+                     progress) -> list[ParityReport]:
+    """Stream each parity row alone (batch 1, as the runtime steps) through the step graph and the fast paths
+    `entries`, picked per token; the row from pointer 0 runs into the fast paths."""
+    general = OnnxPredictor(work / "model.onnx")
     fast = {}
-    for entry in write_fast_paths(model, work, options.fast_paths, options.opset, spec, progress):
-        graphs.append(entry)
+    for entry in entries:
         fast[entry["levels"]] = OnnxPredictor(work / entry["file"])
-        check_names(spec, fast[entry["levels"]].input_names, fast[entry["levels"]].output_names)
+    spec = step_spec(model.config)  # every fast path has the step graph's inputs and outputs
+    for predictor in fast.values():
+        check_names(spec, predictor.input_names, predictor.output_names)
     starts = start_pointers(model, options.parity_tokens)
     reach = fast_path_reach(model, options.parity_tokens)
     tokens = stream_tokens(model, text_ids, reach, len(starts))
@@ -222,90 +226,145 @@ def _atol(options: ExportOptions, default: float) -> float:
     return default if options.atol is None else options.atol
 
 
-def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
-    cfg = model.config
-    is_lmn = isinstance(model, LMN)
-    graphs, reports = [], []
-    text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
+@dataclass
+class Family:
+    """Graphs an export builds together (a step, its fast paths, one prefill size, one precision's copies):
+    `build` writes them into the work folder and checks them, returning their manifest entries and reports."""
 
-    if "onnx" in options.targets:
+    label: str
+    build: Callable[[Path, list[dict]], tuple[list[dict], list[ParityReport]]]  # (work, entries so far)
+
+
+def onnx_entry(name: str, file: str, spec, options: ExportOptions, **extra) -> dict:
+    return {"name": name, "target": "onnx", "file": file, "precision": "fp32", "opset": options.opset, **extra,
+            **spec.to_dict()}
+
+
+def coreml_entry(name: str, file: str, spec, precision: str, target: str = "iOS16/macOS13", **extra) -> dict:
+    return {"name": name, "target": "coreml", "file": file, "precision": precision, **extra,
+            "minimum_deployment_target": target, **spec.to_dict()}
+
+
+def onnx_families(model, options: ExportOptions, text_ids: list[int], progress) -> list[Family]:
+    """The ONNX graphs of an export, in the order they are built: step, fast paths, prefill sizes, then each
+    quantized precision's copies of them."""
+    atol = _atol(options, FP32_ATOL)
+    starts = start_pointers(model, options.parity_tokens)
+    is_lmn = isinstance(model, LMN)
+
+    def step(work: Path, _):
         progress("exporting ONNX step graph")
         spec = onnx_export.export_step(model, work / "model.onnx", options.opset)
-        graphs.append({"name": "step", "target": "onnx", "file": "model.onnx", "precision": "fp32",
-                       "opset": options.opset, **spec.to_dict()})
-        progress(f"checking ONNX step parity over {options.parity_tokens} tokens")
         predictor = OnnxPredictor(work / "model.onnx")
         check_names(spec, predictor.input_names, predictor.output_names)
-        starts = start_pointers(model, options.parity_tokens)
+        progress(f"checking ONNX step parity over {options.parity_tokens} tokens")
         tokens = stream_tokens(model, text_ids, options.parity_tokens, len(starts))
-        reports.append(stream_parity(model, predictor, spec, tokens, starts, _atol(options, FP32_ATOL), "onnx step",
-                                     predictor.runner))
-        if is_lmn and options.fast_paths:
-            reports.extend(_export_fast_paths(work, model, predictor, spec, text_ids, options, graphs, progress))
-        if is_lmn:
-            for size in options.prefill_sizes:
-                name = f"prefill_{size}.onnx"
-                progress(f"exporting ONNX prefill graph ({size} tokens)")
-                pspec = onnx_export.export_prefill(model, work / name, size, options.opset)
-                graphs.append({"name": "prefill", "target": "onnx", "file": name, "precision": "fp32",
-                               "opset": options.opset, "size": size, **pspec.to_dict()})
-                ppredictor = OnnxPredictor(work / name)
-                check_names(pspec, ppredictor.input_names, ppredictor.output_names)
-                progress(f"checking ONNX prefill {size} parity from empty, mid-stream and high-pointer states")
-                reports.append(prefill_from_states(model, ppredictor, pspec, text_ids, _atol(options, FP32_ATOL),
-                                                   f"onnx prefill {size}", ppredictor.runner))
-        fp32 = list(graphs)
-        for precision in (q for q in QUANTIZE_CHOICES if q in options.quantize):  # a fixed order: reproducible
-            copies, judged = export_precision(work, fp32, text_ids, options.parity_tokens, precision,
-                                              options.quant_block, cfg.max_levels if is_lmn else 0, progress)
-            graphs.extend(copies)
-            reports.extend(judged)
+        report = stream_parity(model, predictor, spec, tokens, starts, atol, "onnx step", predictor.runner)
+        return [onnx_entry("step", "model.onnx", spec, options)], [report]
 
-    if "coreml" in options.targets:
-        progress(f"exporting Core ML step graph ({options.precision})")
-        from .coreml_run import load_coreml
+    def fast_paths(work: Path, _):
+        entries = write_fast_paths(model, work, options.fast_paths, options.opset, progress)
+        return entries, check_fast_paths(work, model, entries, text_ids, options, progress)
 
-        cspec = coreml_export.export_step(model, work / "model.mlpackage", options.precision)
-        graphs.append({"name": "step", "target": "coreml", "file": "model.mlpackage", "precision": options.precision,
-                       "minimum_deployment_target": "iOS16/macOS13", **cspec.to_dict()})
+    def prefill(size: int):
+        def build(work: Path, _):
+            name = f"prefill_{size}.onnx"
+            progress(f"exporting ONNX prefill graph ({size} tokens)")
+            spec = onnx_export.export_prefill(model, work / name, size, options.opset)
+            predictor = OnnxPredictor(work / name)
+            check_names(spec, predictor.input_names, predictor.output_names)
+            progress(f"checking ONNX prefill {size} parity from empty, mid-stream and high-pointer states")
+            report = prefill_from_states(model, predictor, spec, text_ids, atol, f"onnx prefill {size}", predictor.runner)
+            return [onnx_entry("prefill", name, spec, options, size=size)], [report]
+        return build
+
+    def quantized(precision: str):
+        def build(work: Path, entries: list[dict]):
+            fp32 = [g for g in entries if g["target"] == "onnx" and g["precision"] == "fp32"]
+            return export_precision(work, fp32, text_ids, options.parity_tokens, precision, options.quant_block,
+                                    model.config.max_levels if is_lmn else 0, progress)
+        return build
+
+    families = [Family("onnx step", step)]
+    if is_lmn and options.fast_paths:
+        families.append(Family("onnx fast paths", fast_paths))
+    if is_lmn:
+        families += [Family(f"onnx prefill {size}", prefill(size)) for size in options.prefill_sizes]
+    # a fixed order of precisions: reproducible
+    families += [Family(f"onnx {p}", quantized(p)) for p in QUANTIZE_CHOICES if p in options.quantize]
+    return families
+
+
+def coreml_families(model, options: ExportOptions, text_ids: list[int], progress) -> list[Family]:
+    """The Core ML graphs of an export: step, prefill sizes, quantized steps, the stateful step."""
+    from .coreml_run import load_coreml
+
+    precision, steps = options.precision, options.parity_tokens
+    bound = _atol(options, FP16_ATOL if precision == "fp16" else FP32_ATOL)
+    starts = start_pointers(model, steps, 2**31 - 1)  # int32 pointers
+    tokens = stream_tokens(model, text_ids, steps, len(starts))
+    step_spec = {}  # the step's I/O spec, once written: the quantized copies are judged against it
+
+    def step(work: Path, _):
+        progress(f"exporting Core ML step graph ({precision})")
+        spec = step_spec["spec"] = coreml_export.export_step(model, work / "model.mlpackage", precision)
         predictor, runner = load_coreml(work / "model.mlpackage")
-        steps = options.parity_tokens
         progress(f"checking Core ML parity over {steps} tokens with {runner}")
-        starts = start_pointers(model, steps, 2**31 - 1)
-        tokens = stream_tokens(model, text_ids, steps, len(starts))
-        bound = _atol(options, FP16_ATOL if options.precision == "fp16" else FP32_ATOL)
-        reports.append(stream_parity(model, predictor, cspec, tokens, starts, bound,
-                                     f"coreml step ({options.precision})", runner))
-        if is_lmn:
-            for size in options.prefill_sizes:
-                name = f"prefill_{size}.mlpackage"
-                progress(f"exporting Core ML prefill graph ({size} tokens, {options.precision})")
-                pspec = coreml_export.export_prefill(model, work / name, size, options.precision)
-                graphs.append({"name": "prefill", "target": "coreml", "file": name, "precision": options.precision,
-                               "size": size, "minimum_deployment_target": "iOS16/macOS13", **pspec.to_dict()})
-                ppredictor, prunner = load_coreml(work / name)
-                progress(f"checking Core ML prefill {size} parity with {prunner}")
-                reports.append(prefill_from_states(model, ppredictor, pspec, text_ids, bound,
-                                                   f"coreml prefill {size} ({options.precision})", prunner,
-                                                   int_max=2**31 - 1))  # int32 pointers
-        if options.quantize:  # int4 / int8 weight-only copies, each judged against this step
-            from .coreml_quantize import export_quantized
+        report = stream_parity(model, predictor, spec, tokens, starts, bound, f"coreml step ({precision})", runner)
+        return [coreml_entry("step", "model.mlpackage", spec, precision)], [report]
 
-            copies, judged = export_quantized(model, work, options, work / "model.mlpackage", cspec, text_ids,
-                                              progress)
-            graphs.extend(copies)
-            reports.extend(judged)
-        if options.stateful:
-            progress("exporting Core ML stateful (iOS 18) step graph")
-            sspec = coreml_export.export_stateful_step(model, work / "model.stateful.mlpackage")
-            graphs.append({"name": "step_stateful", "target": "coreml", "file": "model.stateful.mlpackage",
-                           "precision": "fp16", "minimum_deployment_target": "iOS18/macOS15", **sspec.to_dict(),
-                           "note": "memory is a Core ML StateType (fp16, batch 1) updated in place: no state "
-                                   "copy per token, but fp16 memory and no explicit state to save or branch"})
-            spredictor, runner = load_coreml(work / "model.stateful.mlpackage")
-            for pointer in start_pointers(model, steps, 2**31 - 1):  # batch 1: one stream per start
-                reports.append(stream_parity(model, spredictor, sspec, tokens[:1], [pointer], _atol(options, FP16_ATOL),
-                                             f"coreml stateful @{pointer}", runner))
+    def prefill(size: int):
+        def build(work: Path, _):
+            name = f"prefill_{size}.mlpackage"
+            progress(f"exporting Core ML prefill graph ({size} tokens, {precision})")
+            spec = coreml_export.export_prefill(model, work / name, size, precision)
+            predictor, runner = load_coreml(work / name)
+            progress(f"checking Core ML prefill {size} parity with {runner}")
+            report = prefill_from_states(model, predictor, spec, text_ids, bound, f"coreml prefill {size} ({precision})",
+                                         runner, int_max=2**31 - 1)
+            return [coreml_entry("prefill", name, spec, precision, size=size)], [report]
+        return build
+
+    def quantized(work: Path, _):  # int4 / int8 weight-only copies, each judged against the step
+        from .coreml_quantize import export_quantized
+
+        return export_quantized(model, work, options, work / "model.mlpackage", step_spec["spec"], text_ids, progress)
+
+    def stateful(work: Path, _):
+        progress("exporting Core ML stateful (iOS 18) step graph")
+        spec = coreml_export.export_stateful_step(model, work / "model.stateful.mlpackage")
+        entry = coreml_entry("step_stateful", "model.stateful.mlpackage", spec, "fp16", "iOS18/macOS15",
+                             note="memory is a Core ML StateType (fp16, batch 1) updated in place: no state copy per "
+                                  "token, but fp16 memory and no explicit state to save or branch")
+        predictor, runner = load_coreml(work / "model.stateful.mlpackage")
+        reports = [stream_parity(model, predictor, spec, tokens[:1], [pointer], _atol(options, FP16_ATOL),
+                                 f"coreml stateful @{pointer}", runner) for pointer in starts]  # batch 1: a stream per start
+        return [entry], reports
+
+    families = [Family("coreml step", step)]
+    if isinstance(model, LMN):
+        families += [Family(f"coreml prefill {size}", prefill(size)) for size in options.prefill_sizes]
+    if options.quantize:
+        families.append(Family("coreml quantized", quantized))
+    if options.stateful:
+        families.append(Family("coreml stateful", stateful))
+    return families
+
+
+PLANS = {"onnx": onnx_families, "coreml": coreml_families}  # per target: the graph families it builds
+
+
+def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
+    """Build every family of graphs (each written and checked), write the manifest, then, if every check
+    passed, the conformance vectors and the manifest that lists them."""
+    cfg = model.config
+    text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
+    graphs, reports = [], []
+    for target in (t for t in TARGETS if t in options.targets):
+        for family in PLANS[target](model, options, text_ids, progress):
+            entries, judged = family.build(work, graphs)
+            graphs += entries
+            reports += judged
 
     def manifest(conformance: dict | None = None) -> dict:
         return contract.build_manifest(
@@ -314,7 +373,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             parity={"text": text_source, "reports": [r.to_dict() for r in reports]}, conformance=conformance)
 
     final = manifest()
-    contract.write_manifest(work, final)
+    contract.write_manifest(work, final)  # the conformance stage loads the folder through the runtime
     if "onnx" in options.targets and all(r.passed for r in reports):  # vectors only from graphs that passed
         final = manifest(write_conformance(work, text_ids, progress, options.other_cpus))
         contract.write_manifest(work, final)

@@ -88,7 +88,7 @@ def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str,
     log(f"{name}: exporting random-weight step graphs (general, fast paths{extra}) at {', '.join(precisions)}")
     spec = onnx_export.export_step(model, out / "model.onnx")
     graphs = [{"name": "step", "target": "onnx", "file": "model.onnx", "precision": "fp32", **spec.to_dict()}]
-    graphs += write_fast_paths(model, out, DEFAULT_FAST_PATHS, onnx_export.DEFAULT_OPSET, spec)
+    graphs += write_fast_paths(model, out, DEFAULT_FAST_PATHS, onnx_export.DEFAULT_OPSET)
     for size in prefill_sizes:
         pspec = onnx_export.export_prefill(model, out / f"prefill_{size}.onnx", size)
         graphs.append({"name": "prefill", "target": "onnx", "file": f"prefill_{size}.onnx", "precision": "fp32",
