@@ -36,7 +36,8 @@ import numpy as np
 
 from .coreml_export import _coremltools, convert_step
 from .coreml_run import load_coreml, load_program
-from .graphs import BATCH, GraphSpec
+from . import streaming
+from .graphs import GraphSpec
 from .onnx_export import ExportError
 from .quantize import GATES, QUANTIZE_CHOICES, compare, text_window
 from .validate import ParityReport
@@ -130,17 +131,7 @@ def compress(mlmodel, kind: str, block: int):
 
 def stream_logits(predictor, spec: GraphSpec, ids: list[int], start: int = 0) -> np.ndarray:
     """Logits (T, V) of one row fed `ids` from an empty state at pointer `start`."""
-    by_name = {t.name: t for t in spec.inputs}
-    state = {s.input: np.zeros([1 if d == BATCH else d for d in by_name[s.input].shape], by_name[s.input].dtype)
-             for s in spec.state}
-    state["pointer"] = np.array([start], dtype=by_name["pointer"].dtype)
-    token_dtype = by_name["token"].dtype
-    out = []
-    for token in ids:
-        got = predictor.predict({"token": np.array([token], dtype=token_dtype), **state})
-        out.append(np.asarray(got["logits"], dtype=np.float32)[0])
-        state = {s.input: got[s.output] for s in spec.state}
-    return np.stack(out)
+    return streaming.stream_logits(predictor, spec, ids, start)[0]
 
 
 def judge(want: np.ndarray, got: np.ndarray, targets: list[int], kind: str, runner: str) -> ParityReport:

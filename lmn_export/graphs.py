@@ -60,6 +60,15 @@ class GraphSpec:
             "state": [{"tensor": s.input, "input": s.input, "output": s.output} for s in self.state],
         }
 
+    @classmethod
+    def from_dict(cls, entry: dict) -> "GraphSpec":
+        """The I/O a manifest graph entry records (`to_dict`); state layouts are not recorded there."""
+        def tensor(t: dict) -> TensorSpec:
+            return TensorSpec(t["name"], tuple(t["shape"]), t["dtype"], t["role"], t.get("state"))
+
+        return cls(tuple(map(tensor, entry["inputs"])), tuple(map(tensor, entry["outputs"])),
+                   tuple(StateSpec(s["input"], s["output"], "") for s in entry["state"]))
+
 
 MEMORY_LAYOUT = (
     "memory[b, layer, slot, :]: slot 0 is the last token's level-0 node (normed input); slot "

@@ -47,7 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from runtime.atomic import atomic_path, write_atomic
+from .graphs import GraphSpec
 from .predictors import FastPathPredictor, OnnxPredictor
+from .streaming import stream_logits
 from .validate import PREFILL_WARMUP, START_POINTERS, OutputDiff, ParityReport
 
 QUANTIZE_CHOICES = ("int4", "int8", "dynamic-int8")
@@ -58,7 +60,6 @@ FALLBACK = {4: 8, 8: None}  # where a weight goes when its precision fails the g
 METHOD = "rtn"
 ACCURACY_LEVEL = 4
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather")  # the ops whose constant 2-D float input is a weight matrix
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,9 @@ def quantized_name(file: str, precision: str) -> str:
 
 # ---- judging -------------------------------------------------------------------------------------
 
-def _stream(predictor, ids: list[int], start: int = 0, state: dict | None = None) -> np.ndarray:
+def _stream(predictor, spec: GraphSpec, ids: list[int], start: int = 0, state: dict | None = None) -> np.ndarray:
     """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`)."""
-    return _stream_state(predictor, ids, start, state)[0]
-
-
-def _stream_state(predictor, ids: list[int], start: int = 0, state: dict | None = None) -> tuple[np.ndarray, dict]:
-    """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`), and the state
-    after them; a graph's state outputs are `<input>_out`."""
-    if state is None:
-        state = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype=ORT_DTYPES[i.type])
-                 for i in predictor.session.get_inputs() if i.name != "token"}
-        state["pointer"] = np.array([start], dtype=np.int64)
-    out = []
-    for token in ids:
-        got = predictor.predict({"token": np.array([token], dtype=np.int64), **state})
-        out.append(got["logits"][0])
-        state = {name: got[f"{name}_out"] for name in state}
-    return (np.stack(out) if out else np.zeros((0, 0), np.float32)), state
+    return stream_logits(predictor, spec, ids, start, state)[0]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -139,16 +125,17 @@ def text_window(text_ids: list[int], tokens: int) -> list[int]:
     return [int(i) for i in np.resize(np.asarray(text_ids, dtype=np.int64), tokens + 1)]
 
 
-def stream_report(fp32, quantized, text_ids: list[int], tokens: int, gate: Gate, graph: str, start: int = 0,
-                  want: np.ndarray | None = None) -> ParityReport:
-    """Stream `tokens` tokens of the text through both predictors from pointer `start` and judge by `gate`."""
+def stream_report(fp32, quantized, spec: GraphSpec, text_ids: list[int], tokens: int, gate: Gate, graph: str,
+                  start: int = 0, want: np.ndarray | None = None) -> ParityReport:
+    """Stream `tokens` tokens of the text through both step predictors (I/O `spec`) from pointer `start` and
+    judge by `gate`."""
     ids = text_window(text_ids, tokens)
-    want = _stream(fp32, ids[:-1], start) if want is None else want
-    return compare(want, _stream(quantized, ids[:-1], start), ids[1:], gate, graph, start)
+    want = _stream(fp32, spec, ids[:-1], start) if want is None else want
+    return compare(want, _stream(quantized, spec, ids[:-1], start), ids[1:], gate, graph, start)
 
 
-def prefill_report(fp32_step, prefill, size: int, text_ids: list[int], tokens: int, gate: Gate, graph: str,
-                   want: np.ndarray | None = None) -> ParityReport:
+def prefill_report(fp32_step, spec: GraphSpec, prefill, size: int, text_ids: list[int], tokens: int, gate: Gate,
+                   graph: str, want: np.ndarray | None = None) -> ParityReport:
     """A prefill graph judged by what it hands on, from the middle of a stream: the fp32 step reads the
     first W = min(PREFILL_WARMUP, tokens/4) tokens (an odd pointer past 2^5 on the default text), the
     prefill the next L = min(size, (tokens - W)/2) from that state, then the fp32 step continues from its
@@ -158,13 +145,13 @@ def prefill_report(fp32_step, prefill, size: int, text_ids: list[int], tokens: i
     n = len(ids) - 1
     warm = min(PREFILL_WARMUP, max(1, n // 4))
     length = min(size, max(1, (n - warm) // 2))
-    want = _stream(fp32_step, ids[:-1]) if want is None else want
-    _, state = _stream_state(fp32_step, ids[:warm])
+    want = _stream(fp32_step, spec, ids[:-1]) if want is None else want
+    _, state = stream_logits(fp32_step, spec, ids[:warm])
     padded = np.zeros((1, size), dtype=np.int64)
     padded[0, :length] = ids[warm : warm + length]
     out = prefill.predict({"tokens": padded, "length": np.array([length], dtype=np.int64), **state})
-    state = {name: out[f"{name}_out"] for name in ("memory", "pointer")}
-    rest = _stream(fp32_step, ids[warm + length : n], state=state).reshape(-1, out["logits"].shape[-1])
+    state = {s.input: out[s.output] for s in spec.state}  # a prefill graph returns the step's state outputs
+    rest = _stream(fp32_step, spec, ids[warm + length : n], state=state).reshape(-1, out["logits"].shape[-1])
     got = np.concatenate([out["logits"], rest])
     report = compare(want[warm + length - 1 :], got, ids[warm + length :], gate, graph, start=warm)
     return report
@@ -439,28 +426,29 @@ class _Judge:
         self.fast = [g for g in fp32 if g["name"] == "step_levels"]
         self.prefill = [g for g in fp32 if g["name"] == "prefill"]
         self.OnnxPredictor, self.FastPathPredictor = OnnxPredictor, FastPathPredictor
+        self.spec = GraphSpec.from_dict(self.step)  # every step graph's I/O, the fast paths' too
         self.fp32_step = OnnxPredictor(work / self.step["file"])
         ids = text_window(text_ids, tokens)[:-1]
-        self.want = _stream(self.fp32_step, ids)
+        self.want = _stream(self.fp32_step, self.spec, ids)
         self.fp32_fast = None
         if self.fast:
             self.fp32_fast = FastPathPredictor(self.fp32_step, {g["levels"]: OnnxPredictor(work / g["file"])
                                                                 for g in self.fast}, max_levels)
-            self.want_fast = _stream(self.fp32_fast, ids, START_POINTERS[1])
+            self.want_fast = _stream(self.fp32_fast, self.spec, ids, START_POINTERS[1])
 
     def judge_step(self, folder: Path, entry: dict) -> ParityReport:
-        return stream_report(self.fp32_step, self.OnnxPredictor(folder / entry["file"]), self.text_ids, self.tokens,
+        return stream_report(self.fp32_step, self.OnnxPredictor(folder / entry["file"]), self.spec, self.text_ids, self.tokens,
                              self.gate, f"onnx step {self.precision}", want=self.want)
 
     def judge_prefill(self, folder: Path, entry: dict) -> ParityReport:
-        return prefill_report(self.fp32_step, self.OnnxPredictor(folder / entry["file"]), entry["size"], self.text_ids,
+        return prefill_report(self.fp32_step, self.spec, self.OnnxPredictor(folder / entry["file"]), entry["size"], self.text_ids,
                               self.tokens, self.gate, f"onnx prefill {entry['size']} {self.precision}", want=self.want)
 
     def judge_fast(self, folder: Path, step: dict, fast: list[dict]) -> ParityReport:
         predictor = self.FastPathPredictor(self.OnnxPredictor(folder / step["file"]),
                                            {g["levels"]: self.OnnxPredictor(folder / g["file"]) for g in fast},
                                            self.max_levels)
-        report = stream_report(self.fp32_fast, predictor, self.text_ids, self.tokens, self.gate,
+        report = stream_report(self.fp32_fast, predictor, self.spec, self.text_ids, self.tokens, self.gate,
                                f"onnx fast paths {self.precision}", START_POINTERS[1], want=self.want_fast)
         report.extra["fast_path_steps"] = {str(k): n for k, n in sorted(predictor.used.items())}
         return report

@@ -14,6 +14,7 @@ import torch
 
 from models import LMN, GPT, GPTConfig
 from .graphs import BATCH, GraphSpec, example_state, step_graph
+from .streaming import stream_steps
 
 # fp32: the graph runs the same ops in another library; observed gaps are ~1e-6 over 512 tokens.
 FP32_ATOL = 1e-4
@@ -121,16 +122,13 @@ def stream_parity(model: LMN | GPT, predictor, spec: GraphSpec, tokens: np.ndarr
     graph_state = {n: t.numpy().astype(dtypes[n]) for n, t in zip(state_names, torch_state)}
     diffs = {t.name: 0.0 for t in spec.outputs}
     batch, steps = tokens.shape
-    for t in range(steps):
-        token = tokens[:, t]
-        want = reference(torch.from_numpy(token.astype(np.int64)), *torch_state)
-        got = predictor.predict({"token": token.astype(dtypes["token"]), **graph_state})
+    for t, (got, _) in enumerate(stream_steps(predictor, spec, tokens, graph_state)):
+        want = reference(torch.from_numpy(tokens[:, t].astype(np.int64)), *torch_state)
         if t == 0:
             check_shapes(spec, got, batch)
         for out, ref in zip(spec.outputs, want):
             diffs[out.name] = worst_gap(diffs[out.name], got[out.name], ref.numpy())
         torch_state = want[1:]
-        graph_state = {s.input: got[s.output] for s in spec.state}
     report = ParityReport(graph, runner, steps, batch, list(start),
                           [OutputDiff(name, gap, 0.0 if spec_dtype_is_int(spec, name) else atol)
                            for name, gap in diffs.items()])

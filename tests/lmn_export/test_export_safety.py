@@ -271,14 +271,14 @@ def test_a_bad_quantization_fails_the_quantized_gate(tmp_path):
     from lmn_export.quantize import GATES, stream_report
 
     model, other = tiny_model(seed=0), tiny_model(seed=1)
-    onnx_export.export_step(model, tmp_path / "a.onnx")
+    spec = onnx_export.export_step(model, tmp_path / "a.onnx")
     onnx_export.export_step(other, tmp_path / "b.onnx")
     ids = VOCAB.encode("To be, or not to be: that is the question: whether 'tis nobler in the mind")
     gate = GATES["dynamic-int8"]
     fp32 = OnnxPredictor(tmp_path / "a.onnx")
-    assert stream_report(fp32, fp32, ids, 60, gate, "g").passed  # control: identical graphs pass
-    assert not stream_report(fp32, OnnxPredictor(tmp_path / "b.onnx"), ids, 60, gate, "g").passed
-    poisoned = stream_report(fp32, Poisoned(fp32, "logits"), ids, 60, gate, "g")
+    assert stream_report(fp32, fp32, spec, ids, 60, gate, "g").passed  # control: identical graphs pass
+    assert not stream_report(fp32, OnnxPredictor(tmp_path / "b.onnx"), spec, ids, 60, gate, "g").passed
+    poisoned = stream_report(fp32, Poisoned(fp32, "logits"), spec, ids, 60, gate, "g")
     assert not poisoned.passed and poisoned.extra["finite"] is False
 
 

@@ -245,10 +245,10 @@ def test_quantized_gate_fails_both_checks_on_nan_logits(tiny_step):
     """The quantized-graph gate judges agreement and loss; NaN logits fail each of them, not just one."""
     from lmn_export.quantize import GATES, stream_report
 
-    _, _, fp32 = tiny_step
+    _, spec, fp32 = tiny_step
     ids = VOCAB.encode("To be, or not to be: that is the question:")
-    assert stream_report(fp32, fp32, ids, 16, GATES["int4"], "g").passed  # control: the graph against itself
-    report = stream_report(fp32, Poisoned(fp32, "logits"), ids, 16, GATES["int4"], "g")
+    assert stream_report(fp32, fp32, spec, ids, 16, GATES["int4"], "g").passed  # control: the graph against itself
+    report = stream_report(fp32, Poisoned(fp32, "logits"), spec, ids, 16, GATES["int4"], "g")
     assert {o.name: o.passed for o in report.outputs} == {"next_token_disagreement": False,
                                                           "loss_increase_nats": False}, report.to_dict()
 

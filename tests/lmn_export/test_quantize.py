@@ -165,12 +165,12 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
     want, far = _step_logits(model, ids), _step_logits(model, ids, START_POINTERS[1])  # far: where fast paths run
     other = _step_logits(tiny_model(seed=1, n_embd=64, n_head=4), ids)
     assert np.abs(other - want).max() > 100 * 1e-4  # control: the bound tells other weights apart
-    onnx_export.export_step(model, tmp_path / "step.onnx")
+    spec = onnx_export.export_step(model, tmp_path / "step.onnx")
     onnx_export.export_step(model, tmp_path / "fast0.onnx", levels=0, full=True)
     general = OnnxPredictor(tmp_path / "step.onnx")
-    assert np.abs(_stream(general, ids) - want).max() < 1e-4
+    assert np.abs(_stream(general, spec, ids) - want).max() < 1e-4
     fast = FastPathPredictor(general, {0: OnnxPredictor(tmp_path / "fast0.onnx")}, model.config.max_levels)
-    assert np.abs(_stream(fast, ids, START_POINTERS[1]) - far).max() < 1e-4 and fast.used.get(0)  # the 0-level graph ran
+    assert np.abs(_stream(fast, spec, ids, START_POINTERS[1]) - far).max() < 1e-4 and fast.used.get(0)  # the 0-level graph ran
 
     summary = quantize_weight_only(tmp_path / "fast0.onnx", tmp_path / "fast0.int4.onnx", "int4", 32)
     assert summary["fp32_weights"] == [], summary["fp32_weights"]
