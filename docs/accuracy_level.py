@@ -24,7 +24,9 @@ import numpy as np
 import runtime
 from lmn_export.export import OnnxPredictor
 from lmn_export.parity_text import SAMPLE
-from lmn_export.quantize import GATES, quantize_weight_only, stream_report
+from lmn_export.graphs import GraphSpec
+from lmn_export.quantize import GATES, stream_report
+from lmn_export.quantize_graph import quantize_weight_only
 from runtime.backends import OnnxStepper
 from runtime.model import open_session
 
@@ -44,8 +46,8 @@ def main(directory: Path) -> None:
                 quantize_weight_only(step, path, precision, 32, accuracy_level=level)
                 variants[f"{precision} accuracy_level={level}"] = path
         ids = model.vocab.encode(SAMPLE)
-        fp32 = OnnxPredictor(step)
-        agreement = {name: stream_report(fp32, OnnxPredictor(path), ids, 512, GATES["int4"], name).extra["agreement"]
+        fp32, spec = OnnxPredictor(step), GraphSpec.from_dict(model.step_graph)
+        agreement = {name: stream_report(fp32, OnnxPredictor(path), spec, ids, 512, GATES["int4"], name).extra["agreement"]
                      for name, path in variants.items()}
         steppers = {name: OnnxStepper(open_session(path, 1), model.step_graph) for name, path in variants.items()}
         drive = np.random.default_rng(0).integers(0, len(model.vocab), 600 + 2000).tolist()

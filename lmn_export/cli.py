@@ -15,7 +15,8 @@ from models.checkpoint import CheckpointError
 from models.data import DataError
 from .export import DEFAULT_FAST_PATHS, DEFAULT_PREFILL_SIZES, MAX_PARITY_TOKENS, ExportOptions, export
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
-from .quantize import DEFAULT_QUANT_BLOCK, QUANTIZE_CHOICES
+from .quantize import QUANTIZE_CHOICES
+from .quantize_graph import DEFAULT_QUANT_BLOCK
 from .validate import ValidationError
 
 

@@ -28,7 +28,8 @@ from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
-from .quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
+from .quantize import QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
+from .quantize_graph import DEFAULT_QUANT_BLOCK
 from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_from_states, start_pointers,
                        stream_parity, stream_tokens)
 

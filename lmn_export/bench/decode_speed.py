@@ -138,7 +138,7 @@ def write_step_export(out: Path, cfg, graphs: list[dict], precisions: tuple[str,
     """Add a copy of every fp32 graph at each other precision, and a minimal manifest the runtime
     loads (no parity: timing only). The one place the benchmark writes a manifest."""
     from .. import contract
-    from ..quantize import write_quantized_copy
+    from ..quantize_graph import write_quantized_copy
 
     graphs = graphs + [write_quantized_copy(out, g, p) for p in precisions if p != "fp32" for g in graphs]
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))  # random weights: any characters will do

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("onnx", reason="quantizing needs the [export] install (onnx)")
 
 from lmn_export.cpu_check import EMULATED  # noqa: E402
-from lmn_export.quantize import quantize_dynamic_file  # noqa: E402
+from lmn_export.quantize_graph import quantize_dynamic_file  # noqa: E402
 from runtime.model import SMALL_EXPORT  # noqa: E402
 
 HASWELL = EMULATED["x86-64 AVX2, no VNNI (qemu-x86_64 -cpu Haswell)"][1]

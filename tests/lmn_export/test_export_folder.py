@@ -34,7 +34,7 @@ def test_quantized_graphs_listed(full_export):
     name/levels/size with its own precision, file and `quantization` facts."""
     import onnx
 
-    from lmn_export.quantize import float_weights
+    from lmn_export.quantize_graph import float_weights
 
     manifest = read_manifest(full_export.directory)
     listed = {(g["name"], g.get("levels"), g.get("size"), precision_of(g)): g for g in manifest.graphs("onnx")}

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lmn_export.export import ExportOptions, check_options, export
 from lmn_export.onnx_export import ExportError
-from lmn_export.quantize import _matmul_form, _weights, folded_constants, quantize_weight_only
+from lmn_export.quantize_graph import folded_constants, matmul_form, quantize_weight_only, weight_keys
 
 V, E, H, N = 65, 64, 48, 40
 
@@ -74,12 +74,12 @@ def test_weight_only_computes_the_dequantized_graph(tmp_path, precision):
 
 def test_a_plan_keeps_weights_fp32_or_moves_them_up(tmp_path):
     """plan: weight key -> bits (None: fp32). All fp32 reproduces the graph; the summary lists what moved."""
-    from lmn_export.quantize import _matmul_form, _weights
+    from lmn_export.quantize_graph import matmul_form, weight_keys
 
     _graph(tmp_path / "g.onnx", np.random.default_rng(0))
     model = onnx.load(str(tmp_path / "g.onnx"))
-    _matmul_form(model)
-    keys = _weights(model)  # initializer -> key; the Gemm weight is stored (K, N) as linear_kn
+    matmul_form(model)
+    keys = weight_keys(model)  # initializer -> key; the Gemm weight is stored (K, N) as linear_kn
     assert set(keys) == {"table", "linear_kn", "shared"}
     summary = quantize_weight_only(tmp_path / "g.onnx", tmp_path / "f.onnx", "int4", 32, {k: None for k in keys.values()})
     assert sorted(summary["fp32_weights"]) == ["linear_kn", "shared", "table"] and summary["ops"]["MatMulNBits"] == 0
@@ -105,9 +105,9 @@ def test_quantize_options_are_checked(change, message):
 def test_scrambled_int4_scales_fail_the_gate_and_write_nothing(checkpoint, tmp_path, monkeypatch):
     """Negative control: int4 graphs whose block scales are shuffled compute other weights; the gate
     fails them (no repair can help, every trial is scrambled) and the export publishes nothing."""
-    from lmn_export import quantize
+    from lmn_export import quantize_graph
 
-    real, calls = quantize.quantize_weight_only, []
+    real, calls = quantize_graph.quantize_weight_only, []
 
     def scrambled(source, target, *args, **kwargs):
         summary = real(source, target, *args, **kwargs)
@@ -120,7 +120,7 @@ def test_scrambled_int4_scales_fail_the_gate_and_write_nothing(checkpoint, tmp_p
         calls.append(target)
         return summary
 
-    monkeypatch.setattr(quantize, "quantize_weight_only", scrambled)
+    monkeypatch.setattr(quantize_graph, "quantize_weight_only", scrambled)
     out = tmp_path / "never"
     result = export(checkpoint, out, ExportOptions(quantize=("int4",), prefill_sizes=(), fast_paths=0, parity_tokens=32))
     assert calls and not result.passed
@@ -180,7 +180,7 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
 
     # negative control: the listing reports what stays fp32 (every matrix, when the plan keeps them all)
     model_folded = folded_constants(tmp_path / "fast0.onnx")
-    _matmul_form(model_folded)
-    keep_all = {key: None for key in _weights(model_folded).values()}
+    matmul_form(model_folded)
+    keep_all = {key: None for key in weight_keys(model_folded).values()}
     summary = quantize_weight_only(tmp_path / "fast0.onnx", tmp_path / "kept.onnx", "int4", 32, keep_all)
     assert len(summary["fp32_weights"]) == 6 * L + 2 and summary["ops"]["MatMulNBits"] == 0  # and the embedding
