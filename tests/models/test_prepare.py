@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 import models.prepare as prepare_module
-from models.checkpoint import CONFIG, CheckpointError, load, save
+from models.checkpoint import CONFIG, SMALL_CHECKPOINT, CheckpointError, load, save
 from models.data import (META, TRAIN_BIN, VAL_BIN, ByteVocab, CharVocab, Corpus, open_training_data,
                          split_point)
 from models.prepare import main as prepare_main
@@ -285,8 +285,8 @@ def test_text_with_vocab_bytes_trains_like_its_prepared_folder(tmp_path):
 
 def test_old_checkpoints_load_as_characters(tmp_path):
     """A config.json with a plain string vocab and no vocab_kind (every checkpoint before byte
-    vocabularies, the shipped default included) loads as a character vocabulary."""
-    model, vocab, meta = load()  # the shipped default
+    vocabularies, the small shipped LogMem-32 included) loads as a character vocabulary."""
+    model, vocab, meta = load(SMALL_CHECKPOINT)  # written before byte vocabularies
     assert isinstance(vocab, CharVocab) and "vocab_kind" not in meta and len(vocab) == model.config.vocab_size
     save(tmp_path / "ckpt", model, vocab)
     config = json.loads((tmp_path / "ckpt" / CONFIG).read_text(encoding="utf-8"))
