@@ -36,9 +36,9 @@ import numpy as np
 
 from .coreml_export import _coremltools, convert_step
 from .coreml_run import load_coreml, load_program
-from . import streaming
 from .graphs import GraphSpec
 from .onnx_export import ExportError
+from .streaming import stream_logits
 from .quantize import GATES, QUANTIZE_CHOICES, compare, text_window
 from .validate import ParityReport
 
@@ -127,11 +127,6 @@ def compress(mlmodel, kind: str, block: int):
                           + (f" in blocks of {block} (no weight's input size is a multiple of it); "
                              "choose a smaller --quant-block" if kind == "int4" else ""))
     return compressed, done, left, dict(ops)
-
-
-def stream_logits(predictor, spec: GraphSpec, ids: list[int], start: int = 0) -> np.ndarray:
-    """Logits (T, V) of one row fed `ids` from an empty state at pointer `start`."""
-    return streaming.stream_logits(predictor, spec, ids, start)[0]
 
 
 def judge(want: np.ndarray, got: np.ndarray, targets: list[int], kind: str, runner: str) -> ParityReport:

@@ -23,7 +23,7 @@ from models import LMN, LMNConfig
 from models.checkpoint import DEFAULT_CHECKPOINT, load, sha256
 from . import contract, coreml_export, onnx_export
 from .conformance_vectors import write_conformance
-from .graphs import step_spec
+from .graphs import GraphSpec, step_spec
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportError
 from .output_folder import DestinationError, check_destination
 from .parity_text import parity_ids
@@ -227,13 +227,10 @@ def _atol(options: ExportOptions, default: float) -> float:
     return default if options.atol is None else options.atol
 
 
-@dataclass
-class Family:
-    """Graphs an export builds together (a step, its fast paths, one prefill size, one precision's copies):
-    `build` writes them into the work folder and checks them, returning their manifest entries and reports."""
-
-    label: str
-    build: Callable[[Path, list[dict]], tuple[list[dict], list[ParityReport]]]  # (work, entries so far)
+# A family of graphs an export builds together (a step, its fast paths, one prefill size, one precision's
+# copies): writes them into the work folder and checks them, given the entries built before it; returns their
+# manifest entries and parity reports.
+Family = Callable[[Path, list[dict]], tuple[list[dict], list[ParityReport]]]
 
 
 def onnx_entry(name: str, file: str, spec, options: ExportOptions, **extra) -> dict:
@@ -286,13 +283,13 @@ def onnx_families(model, options: ExportOptions, text_ids: list[int], progress) 
                                     model.config.max_levels if is_lmn else 0, progress)
         return build
 
-    families = [Family("onnx step", step)]
+    families = [step]
     if is_lmn and options.fast_paths:
-        families.append(Family("onnx fast paths", fast_paths))
+        families.append(fast_paths)
     if is_lmn:
-        families += [Family(f"onnx prefill {size}", prefill(size)) for size in options.prefill_sizes]
+        families += [prefill(size) for size in options.prefill_sizes]
     # a fixed order of precisions: reproducible
-    families += [Family(f"onnx {p}", quantized(p)) for p in QUANTIZE_CHOICES if p in options.quantize]
+    families += [quantized(p) for p in QUANTIZE_CHOICES if p in options.quantize]
     return families
 
 
@@ -304,11 +301,10 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
     bound = _atol(options, FP16_ATOL if precision == "fp16" else FP32_ATOL)
     starts = start_pointers(model, steps, 2**31 - 1)  # int32 pointers
     tokens = stream_tokens(model, text_ids, steps, len(starts))
-    step_spec = {}  # the step's I/O spec, once written: the quantized copies are judged against it
 
     def step(work: Path, _):
         progress(f"exporting Core ML step graph ({precision})")
-        spec = step_spec["spec"] = coreml_export.export_step(model, work / "model.mlpackage", precision)
+        spec = coreml_export.export_step(model, work / "model.mlpackage", precision)
         predictor, runner = load_coreml(work / "model.mlpackage")
         progress(f"checking Core ML parity over {steps} tokens with {runner}")
         report = stream_parity(model, predictor, spec, tokens, starts, bound, f"coreml step ({precision})", runner)
@@ -326,10 +322,11 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
             return [coreml_entry("prefill", name, spec, precision, size=size)], [report]
         return build
 
-    def quantized(work: Path, _):  # int4 / int8 weight-only copies, each judged against the step
+    def quantized(work: Path, entries: list[dict]):  # int4 / int8 weight-only copies, each judged against the step
         from .coreml_quantize import export_quantized
 
-        return export_quantized(model, work, options, work / "model.mlpackage", step_spec["spec"], text_ids, progress)
+        step = next(g for g in entries if g["target"] == "coreml" and g["name"] == "step")
+        return export_quantized(model, work, options, work / step["file"], GraphSpec.from_dict(step), text_ids, progress)
 
     def stateful(work: Path, _):
         progress("exporting Core ML stateful (iOS 18) step graph")
@@ -342,13 +339,13 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
                                  f"coreml stateful @{pointer}", runner) for pointer in starts]  # batch 1: a stream per start
         return [entry], reports
 
-    families = [Family("coreml step", step)]
+    families = [step]
     if isinstance(model, LMN):
-        families += [Family(f"coreml prefill {size}", prefill(size)) for size in options.prefill_sizes]
+        families += [prefill(size) for size in options.prefill_sizes]
     if options.quantize:
-        families.append(Family("coreml quantized", quantized))
+        families.append(quantized)
     if options.stateful:
-        families.append(Family("coreml stateful", stateful))
+        families.append(stateful)
     return families
 
 
@@ -362,8 +359,8 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
     text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
     graphs, reports = [], []
     for target in (t for t in TARGETS if t in options.targets):
-        for family in PLANS[target](model, options, text_ids, progress):
-            entries, judged = family.build(work, graphs)
+        for build in PLANS[target](model, options, text_ids, progress):
+            entries, judged = build(work, graphs)
             graphs += entries
             reports += judged
 

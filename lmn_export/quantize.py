@@ -46,7 +46,7 @@ import numpy as np
 from . import quantize_graph
 from .graphs import GraphSpec
 from .predictors import FastPathPredictor, OnnxPredictor
-from .streaming import stream_logits
+from .streaming import stream_logits, stream_state
 from .quantize_graph import BITS, FALLBACK
 from .validate import PREFILL_WARMUP, START_POINTERS, OutputDiff, ParityReport
 
@@ -68,11 +68,6 @@ HEADROOM = Gate(min_agreement=0.01, max_loss_increase=0.2)  # + 1 point of agree
 
 
 # ---- judging -------------------------------------------------------------------------------------
-
-def _stream(predictor, spec: GraphSpec, ids: list[int], start: int = 0, state: dict | None = None) -> np.ndarray:
-    """Logits (T, V) of one row fed `ids` from `state` (default: zero memory at pointer `start`)."""
-    return stream_logits(predictor, spec, ids, start, state)[0]
-
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
@@ -111,8 +106,8 @@ def stream_report(fp32, quantized, spec: GraphSpec, text_ids: list[int], tokens:
     """Stream `tokens` tokens of the text through both step predictors (I/O `spec`) from pointer `start` and
     judge by `gate`."""
     ids = text_window(text_ids, tokens)
-    want = _stream(fp32, spec, ids[:-1], start) if want is None else want
-    return compare(want, _stream(quantized, spec, ids[:-1], start), ids[1:], gate, graph, start)
+    want = stream_logits(fp32, spec, ids[:-1], start) if want is None else want
+    return compare(want, stream_logits(quantized, spec, ids[:-1], start), ids[1:], gate, graph, start)
 
 
 def prefill_report(fp32_step, spec: GraphSpec, prefill, size: int, text_ids: list[int], tokens: int, gate: Gate,
@@ -126,13 +121,13 @@ def prefill_report(fp32_step, spec: GraphSpec, prefill, size: int, text_ids: lis
     n = len(ids) - 1
     warm = min(PREFILL_WARMUP, max(1, n // 4))
     length = min(size, max(1, (n - warm) // 2))
-    want = _stream(fp32_step, spec, ids[:-1]) if want is None else want
-    _, state = stream_logits(fp32_step, spec, ids[:warm])
+    want = stream_logits(fp32_step, spec, ids[:-1]) if want is None else want
+    _, state = stream_state(fp32_step, spec, ids[:warm])
     padded = np.zeros((1, size), dtype=np.int64)
     padded[0, :length] = ids[warm : warm + length]
     out = prefill.predict({"tokens": padded, "length": np.array([length], dtype=np.int64), **state})
     state = {s.input: out[s.output] for s in spec.state}  # a prefill graph returns the step's state outputs
-    rest = _stream(fp32_step, spec, ids[warm + length : n], state=state).reshape(-1, out["logits"].shape[-1])
+    rest = stream_logits(fp32_step, spec, ids[warm + length : n], state=state).reshape(-1, out["logits"].shape[-1])
     got = np.concatenate([out["logits"], rest])
     report = compare(want[warm + length - 1 :], got, ids[warm + length :], gate, graph, start=warm)
     return report
@@ -155,12 +150,12 @@ class _Judge:
         self.spec = GraphSpec.from_dict(self.step)  # every step graph's I/O, the fast paths' too
         self.fp32_step = OnnxPredictor(work / self.step["file"])
         ids = text_window(text_ids, tokens)[:-1]
-        self.want = _stream(self.fp32_step, self.spec, ids)
+        self.want = stream_logits(self.fp32_step, self.spec, ids)
         self.fp32_fast = None
         if self.fast:
             self.fp32_fast = FastPathPredictor(self.fp32_step, {g["levels"]: OnnxPredictor(work / g["file"])
                                                                 for g in self.fast}, max_levels)
-            self.want_fast = _stream(self.fp32_fast, self.spec, ids, START_POINTERS[1])
+            self.want_fast = stream_logits(self.fp32_fast, self.spec, ids, START_POINTERS[1])
 
     def judge_step(self, folder: Path, entry: dict) -> ParityReport:
         return stream_report(self.fp32_step, self.OnnxPredictor(folder / entry["file"]), self.spec, self.text_ids, self.tokens,

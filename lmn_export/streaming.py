@@ -32,8 +32,8 @@ def stream_steps(predictor, spec: GraphSpec, tokens: np.ndarray,
         yield got, state
 
 
-def stream_logits(predictor, spec: GraphSpec, ids: list[int], start: int = 0,
-                  state: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def stream_state(predictor, spec: GraphSpec, ids: list[int], start: int = 0,
+                 state: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits (T, V) of one row fed `ids` from `state` (default: the empty state at pointer `start`), and the
     state after them."""
     state = zero_state(spec, [start]) if state is None else state
@@ -41,3 +41,9 @@ def stream_logits(predictor, spec: GraphSpec, ids: list[int], start: int = 0,
     for got, state in stream_steps(predictor, spec, np.asarray(ids, dtype=np.int64).reshape(1, -1), state):
         logits.append(np.asarray(got["logits"], dtype=np.float32)[0])
     return (np.stack(logits) if logits else np.zeros((0, 0), np.float32)), state
+
+
+def stream_logits(predictor, spec: GraphSpec, ids: list[int], start: int = 0,
+                  state: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Logits (T, V) of one row fed `ids` from `state` (default: the empty state at pointer `start`)."""
+    return stream_state(predictor, spec, ids, start, state)[0]

@@ -357,7 +357,12 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.settings.batch * self.settings.block * self.settings.grad_accum * self.dist.world_size
+        return tokens_per_step(self.settings, self.dist)
+
+
+def tokens_per_step(settings: TrainSettings, dist: Distributed) -> int:
+    """Tokens one optimizer step trains on, over every micro-batch and process."""
+    return settings.batch * settings.block * settings.grad_accum * dist.world_size
 
 
 def start_model(data: TrainingData, out: Path, preset_name: str | None, settings: TrainSettings, resume: bool,
@@ -423,11 +428,10 @@ def set_up(model, vocab, meta: dict[str, Any], preset_name: str, data: TrainingD
     facts = {"device": device.type, "precision": settings.precision, "grad_accum": settings.grad_accum,
              "carry": settings.carry, "carry_reset": settings.carry_reset,
              "compile": settings.compile, "world_size": dist.world_size}
-    run = Run(settings, out, dist, device, preset_name, model, trained, ddp, vocab, corpus, rows, optimizer, scaler,
-              facts, done, tokens=0)
     last_log = meta["training"].get("last_log") or {}
-    run.tokens = int(last_log.get("tokens", done * run.tokens_per_step))
-    return run
+    tokens = int(last_log.get("tokens", done * tokens_per_step(settings, dist)))  # trained on so far, any world size
+    return Run(settings, out, dist, device, preset_name, model, trained, ddp, vocab, corpus, rows, optimizer, scaler,
+               facts, done, tokens)
 
 
 def train_step(run: Run, step: int) -> torch.Tensor:

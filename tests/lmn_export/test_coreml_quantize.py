@@ -17,6 +17,7 @@ from lmn_export.coreml_run import (MILProgram, affine_dequantize, blockwise_shif
 from lmn_export.export import ExportOptions, export
 from lmn_export.onnx_export import ExportError
 from lmn_export.parity_text import parity_ids
+from lmn_export.streaming import stream_logits
 from models.checkpoint import save
 from runtime.manifest import file_size, read_manifest
 
@@ -173,12 +174,12 @@ def test_scrambled_scales_fail_the_agreement_gate(packages, tmp_path):
     permuted fails it, on agreement (measured 56% on these 32 tokens; the gate is 98%)."""
     folder, model, ids = packages
     spec = coreml_export.coreml_spec(model.config)
-    want = coreml_quantize.stream_logits(load_coreml(folder / "fp32.mlpackage")[0], spec, ids[:-1])
-    honest = coreml_quantize.judge(want, coreml_quantize.stream_logits(load_coreml(folder / "int8.mlpackage")[0], spec,
+    want = stream_logits(load_coreml(folder / "fp32.mlpackage")[0], spec, ids[:-1])
+    honest = coreml_quantize.judge(want, stream_logits(load_coreml(folder / "int8.mlpackage")[0], spec,
                                                                         ids[:-1]), ids[1:], "int8", "mil")
     assert honest.passed, honest.to_dict()
     _scrambled(folder / "int8.mlpackage", tmp_path / "scrambled.mlpackage")
-    got = coreml_quantize.stream_logits(load_coreml(tmp_path / "scrambled.mlpackage")[0], spec, ids[:-1])
+    got = stream_logits(load_coreml(tmp_path / "scrambled.mlpackage")[0], spec, ids[:-1])
     report = coreml_quantize.judge(want, got, ids[1:], "int8", "mil")
     assert not report.passed and report.extra["agreement"] < 0.9, report.to_dict()
     failed = {o.name for o in report.outputs if not o.passed}

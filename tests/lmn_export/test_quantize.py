@@ -153,7 +153,7 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
     import models.lmn
     from lmn_export import onnx_export
     from lmn_export.predictors import FastPathPredictor, OnnxPredictor
-    from lmn_export.quantize import _stream
+    from lmn_export.streaming import stream_logits
     from lmn_export.validate import START_POINTERS
 
     from .conftest import tiny_model
@@ -168,9 +168,9 @@ def test_unfolded_step_attention_is_quantized_whole(tmp_path, monkeypatch):
     spec = onnx_export.export_step(model, tmp_path / "step.onnx")
     onnx_export.export_step(model, tmp_path / "fast0.onnx", levels=0, full=True)
     general = OnnxPredictor(tmp_path / "step.onnx")
-    assert np.abs(_stream(general, spec, ids) - want).max() < 1e-4
+    assert np.abs(stream_logits(general, spec, ids) - want).max() < 1e-4
     fast = FastPathPredictor(general, {0: OnnxPredictor(tmp_path / "fast0.onnx")}, model.config.max_levels)
-    assert np.abs(_stream(fast, spec, ids, START_POINTERS[1]) - far).max() < 1e-4 and fast.used.get(0)  # the 0-level graph ran
+    assert np.abs(stream_logits(fast, spec, ids, START_POINTERS[1]) - far).max() < 1e-4 and fast.used.get(0)  # the 0-level graph ran
 
     summary = quantize_weight_only(tmp_path / "fast0.onnx", tmp_path / "fast0.int4.onnx", "int4", 32)
     assert summary["fp32_weights"] == [], summary["fp32_weights"]
