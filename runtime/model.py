@@ -189,6 +189,13 @@ class ExportedModel:
             raise ValueError(f"the starting pointer {pointer} is outside [0, {self.pointer_max - count + 1}] "
                              f"({count} tokens must end at or below pointer_max {self.pointer_max})")
 
+    def preload(self) -> None:
+        """Open every graph this model may run now; the prefill graphs are otherwise opened on first use."""
+        with self._lock:
+            for graph in self.prefill_graphs:
+                if graph["size"] not in self._prefill_runners:
+                    self._prefill_runners[graph["size"]] = self._prefill_runner(graph)
+
     def _prefill_runner(self, graph: dict):
         """inputs -> outputs (dicts by name) of a prefill graph: an onnxruntime session, or Core ML's MLModel (macOS)."""
         if self.backend == "coreml":

@@ -10,6 +10,7 @@ Modules, one job each:
 - decode_speed: decode speed per preset and precision, against the memory-free twin and the floor
 - floor: the weight bytes a token reads and this machine's read bandwidth (the floor)
 - quality: held-out bits per character
+- footprint: file bytes and resident memory per precision against the weights
 - train: training throughput of LMN and GPT-2 presets
 - report: the printed report, the JSON text and the charts
 """

@@ -34,6 +34,8 @@ def print_report(r: dict) -> None:
         click.echo("\nheld-out bits per character (val split):")
         for row in r["quality"]:
             click.echo(f"  {row['model']:<5} positions {row['context']:<18} {row['bpc']:.4f} bpc over {row['tokens']:,} chars")
+    if r.get("footprint"):
+        print_footprint(r["footprint"])
     if r.get("reach"):
         click.echo("\nreach: held-out bits per character by position, one stream from the start of the val split:")
         for row in r["reach"]:
@@ -44,6 +46,20 @@ def print_report(r: dict) -> None:
     if "train" in r:
         print_train(r)
     click.echo("\nsummary: " + json.dumps(r["summary"], indent=None))
+
+
+def print_footprint(rows: list[dict]) -> None:
+    """Per precision: graph files and resident memory against the weights, and the goals."""
+    click.echo("\nfootprint per precision (weights: each distinct tensor of the step graph once; resident: what loading "
+               "the model with every graph opened adds to a process running onnxruntime):")
+    for row in rows:
+        goals = row["goals"]
+        click.echo(f"  {row['precision']:<13} {row['graph_files']} files {row['file_bytes'] / 1e6:7.2f} MB, weights "
+                   f"{row['weight_bytes'] / 1e6:6.2f} MB: files {row['files_vs_weights']:5.2f}x (goal <= "
+                   f"{goals['files_vs_weights']['limit']}x: {'met' if goals['files_vs_weights']['met'] else 'missed'}); "
+                   f"resident {row['rss_bytes'] / 1e6:6.1f} MB, {row['rss_vs_weights_and_state']:5.1f}x weights + state "
+                   f"(goal <= {goals['rss_vs_weights_and_state']['limit']}x: "
+                   f"{'met' if goals['rss_vs_weights_and_state']['met'] else 'missed'})")
 
 
 def print_prefill(rows: list[dict]) -> None:

@@ -11,8 +11,9 @@ from .recall import RecallSettings
 
 # Sections of a run, in the order they run: decode latency per context (LMN, GPT-2 KV caches, the
 # memory-free LMN), time to first token, prefill vs stepping per width (break-even, second turn), decode
-# speed per preset, held-out quality, reach (loss by position), the recall probe, training throughput.
-SECTIONS = ("decode", "ttft", "prefill", "speed", "quality", "reach", "recall", "train")
+# speed per preset, held-out quality, footprint (files and resident memory against the weights), reach
+# (loss by position), the recall probe, training throughput.
+SECTIONS = ("decode", "ttft", "prefill", "speed", "quality", "footprint", "reach", "recall", "train")
 NO_EXPORT_SECTIONS = ("reach", "recall", "train")  # PyTorch on checkpoints: asked for, never run by default
 DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in NO_EXPORT_SECTIONS)
 DEVICES = ("auto", "cpu", "cuda", "mps")

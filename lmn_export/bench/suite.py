@@ -15,6 +15,7 @@ import runtime
 from .baselines import build_baselines
 from .decode import bench_gpt, bench_lmn, bench_ttft
 from .decode_speed import bench_decode_speed
+from .footprint import bench_footprint
 from .prefill import bench_prefill
 from .quality import GPT_CHECKPOINT, bench_quality, text_ids, trained_gpt_export
 from .reach import bench_reach
@@ -95,6 +96,8 @@ def run_export_sections(lmn_dir: Path | None, s: Settings, result: dict, log) ->
         with tempfile.TemporaryDirectory() as tmp:
             gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
             result["quality"] = bench_quality(model, gpt, val, log)
+    if "footprint" in sections:
+        result["footprint"] = bench_footprint(model.directory, s.threads, log)
 
 
 def summarize(r: dict) -> dict:
@@ -126,6 +129,9 @@ def summarize(r: dict) -> dict:
                            "second_vs_stepping": row["second_turn"]["second_vs_stepping"],
                            "goals_met": all(g["met"] for g in row["second_turn"]["goals"].values())}
                           for row in r["prefill"]]
+    if r.get("footprint"):
+        out["footprint"] = {row["precision"]: {key: round(row[key], 3) for key in ("files_vs_weights", "rss_vs_weights_and_state")}
+                            for row in r["footprint"]}
     if r.get("reach"):
         out["reach_bpc_by_bin"] = {row["checkpoint"]: [round(b["bpc"], 4) for b in row["bins"]] for row in r["reach"]}
     if r.get("recall"):

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 import runtime
 from lmn_export.bench import command, report
@@ -22,6 +24,7 @@ from lmn_export.bench.baselines import KVConcatStepper, KVRowsStepper, session
 from lmn_export.bench.command import main, parse_contexts, parse_precisions, parse_presets, parse_sections
 from lmn_export.bench.decode_speed import (SpeedSettings, export_no_memory, fast, no_memory, profile_graph,
                                            python_overhead_us, steppers, time_interleaved)
+from lmn_export.bench.footprint import bench_footprint, resident_bytes, weight_bytes
 from lmn_export.bench.floor import (MIN_READ_BYTES, ReadCheckError, bytes_per_token, floor_fields, initializer_bytes,
                                     read_bandwidth)
 from lmn_export.bench.report import finite_json, results_json
@@ -209,7 +212,8 @@ def test_quick_cli_writes_the_results_a_user_reads(quick_run):
     assert [p.name for p in out.iterdir() if TEMP_MARK in p.name] == []  # the atomic write left no temp file
     data = strict_json((out / "bench.json").read_text())
     assert {"machine", "settings", "text", "lmn", "decode", "no_memory", "memory_overhead_ratio", "ttft", "prefill",
-            "decode_speed", "quality", "summary", "non_finite"} <= set(data)
+            "decode_speed", "quality", "footprint", "summary", "non_finite"} <= set(data)
+    assert "footprint per precision" in result.output and set(data["summary"]["footprint"]) == {"fp32"}
     assert [row["tokens"] for row in data["prefill"][0]["break_even"]["rows"]] == [1, 8, 32]  # --quick's lengths
     assert "second turn" in result.output and "break-even" in result.output
     assert data["non_finite"] == []
@@ -449,7 +453,7 @@ def test_non_finite_numbers_are_written_as_null_and_listed():
 def test_sections_are_checked_names_in_run_order():
     param = {p.name: p for p in main.params}["sections"]
     assert parse_sections(None, param, "train, decode,train") == ("decode", "train")
-    assert param.default == "decode,ttft,prefill,speed,quality" and SECTIONS[-1] == "train"  # train: asked for, never by default
+    assert param.default == "decode,ttft,prefill,speed,quality,footprint" and SECTIONS[-1] == "train"  # train: asked for, never by default
     with pytest.raises(Exception, match="unknown 'decoding'"):
         parse_sections(None, param, "decoding")
 
@@ -542,3 +546,41 @@ def test_reach_scores_every_position_as_stepping_does(tmp_path, corpus_text):
     with torch.no_grad():
         short = gpt(torch.from_numpy(ids[80:101].astype(np.int64)).view(1, -1))[0, -1]
     assert abs(sliding[100] - F.cross_entropy(short.view(1, -1), torch.tensor([int(ids[101])])).item()) > 1e-3
+
+
+def test_footprint_counts_every_file_a_precision_opens_and_each_weight_once(export_dir):
+    """The footprint row adds up the files lmn.json gives the precision's graphs, and its weights are the step
+    graph's initializers counted by content (what one copy costs); resident memory is measured, positive and
+    finite (its size is the machine's: only bounded)."""
+    [row] = bench_footprint(export_dir, 1, log=lambda m: None)  # the tiny export: fp32 only
+    manifest = runtime.load(export_dir).manifest
+    files = {g["file"] for g in manifest.graphs("onnx", precision="fp32")}
+    assert row["graph_files"] == len(files) == 6  # the step, four fast paths and one prefill graph
+    assert row["file_bytes"] == sum((export_dir / f).stat().st_size for f in files)
+    step = onnx.load(str(export_dir / manifest.graph("step", "onnx", "fp32")["file"]))
+    every = sum(numpy_helper.to_array(t).nbytes for t in step.graph.initializer)
+    assert 0 < row["weight_bytes"] <= every
+    assert row["files_vs_weights"] == pytest.approx(row["file_bytes"] / row["weight_bytes"])
+    assert row["files_vs_weights"] > 1.15 and row["goals"]["files_vs_weights"] == {"limit": 1.15, "met": False}
+    assert 0 < row["rss_bytes"] < 2**32 and math.isfinite(row["rss_vs_weights_and_state"])
+    assert row["state_bytes"] == manifest.data["state"]["bytes_per_stream"]
+
+
+def test_weight_bytes_counts_a_tensor_stored_twice_once(tmp_path):
+    """The negative control of the weights figure: two initializers with equal contents are one copy, two
+    with different contents (or the same bytes in another shape) are two."""
+    a = np.arange(64, dtype=np.float32).reshape(8, 8)
+    inits = [numpy_helper.from_array(a, "w1"), numpy_helper.from_array(a.copy(), "w2"),
+             numpy_helper.from_array(a + 1, "w3"), numpy_helper.from_array(a.reshape(4, 16), "w4")]
+    nodes = [helper.make_node("Add", ["w1", "w2"], ["s"]), helper.make_node("Add", ["s", "w3"], ["t"]),
+             helper.make_node("Reshape", ["w4", "shape"], ["u"]), helper.make_node("Add", ["t", "u"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([8, 8], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert weight_bytes(path) == 3 * a.nbytes + 16
+
+
+def test_footprint_says_when_the_memory_cannot_be_measured(tmp_path):
+    with pytest.raises(RuntimeError, match="measuring the resident memory of .* at fp32 failed: .*"):
+        resident_bytes(tmp_path / "missing", "fp32", 1)
