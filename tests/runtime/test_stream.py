@@ -44,6 +44,23 @@ def test_prefill_equals_stepping(export_dir):
         np.testing.assert_allclose(a.stepper.state[name], b.stepper.state[name], atol=1e-5)
 
 
+def test_preload_opens_every_prefill_graph_once_and_changes_nothing(export_dir):
+    """preload() opens the prefill graphs a later prompt would open on first use (and only once): the same
+    runner serves the prompt afterwards, with the same logits as a model that opens it lazily."""
+    lazy, loaded = runtime.load(export_dir), runtime.load(export_dir)
+    assert lazy._prefill_runners == {}
+    loaded.preload()
+    runners = dict(loaded._prefill_runners)
+    assert sorted(runners) == [g["size"] for g in loaded.prefill_graphs] and runners
+    loaded.preload()
+    assert loaded._prefill_runners == runners  # nothing reopened
+    a, b = Stream(lazy), Stream(loaded)
+    a.feed(PROMPT)
+    b.feed(PROMPT)
+    assert loaded._prefill_runners == runners
+    np.testing.assert_array_equal(a.logits, b.logits)  # the same graph and inputs: the same numbers
+
+
 def test_fast_paths_stream_like_the_general_graph(export_dir):
     """The stepper's per-token choice of fast path changes nothing but speed: 300 tokens (past the
     point where the memory is full, every k) match the general step graph run alone."""
