@@ -7,7 +7,7 @@ Merges an export's general step graph and its fast paths `step_levels_0..3` at o
 ONNX graph: every initializer once at the top level (deduplicated by content), each graph's nodes as a
 branch of a chain of `If` nodes on an extra scalar input `path` (0..3: that fast path, 4: the general
 step). Then, on one onnxruntime thread: the largest logit gap between the merged graph and the five
-sessions over 300 tokens (from pointer 600, each token on the path the pointer picks), per-token p50 and
+sessions over 300 tokens (from pointer 600, each token on the path the runtime's `FastPathRule` picks), per-token p50 and
 mean over 5 interleaved rounds of 500 timed tokens each, the file bytes, and what each layout adds to
 the resident memory of a process already running onnxruntime (after malloc_trim, Linux). A prototype to
 decide the layout (BENCHMARKS "Footprint"), not a product path. `bake` first saves each graph as
@@ -28,6 +28,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+import runtime
+from runtime.backends import FastPathRule
+from runtime.model import open_session
 
 GRAPHS = ("step_levels_0", "step_levels_1", "step_levels_2", "step_levels_3", "model")  # path 0..3, then 4
 
@@ -84,25 +88,17 @@ def merged_graph(models: list[onnx.ModelProto]) -> onnx.ModelProto:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, threads=1)  # as the runtime opens a graph
 
 
-def path_of(pointer: int) -> int:
-    """The graph the runtime runs at a full memory: k = trailing zero bits of pointer + 1, fast path if k <= 3."""
-    n, k = pointer + 1, 0
-    while n % 2 == 0:
-        n, k = n // 2, k + 1
-    return k if k <= 3 else 4
-
-
-def stream(run, shape, tokens, start: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def stream(run, rule: FastPathRule, shape, tokens, start: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per-token times and logits of one stream; each token on the path the runtime's rule picks (4: general)."""
     memory, pointer, times, logits = np.zeros(shape, np.float32), np.array([start], np.int64), [], []
     for token in tokens:
         feed = {"token": np.array([token], np.int64), "memory": memory, "pointer": pointer}
+        levels = rule.levels(int(pointer[0]))
         t = time.perf_counter()
-        out, memory, pointer = run(path_of(int(pointer[0])), feed)
+        out, memory, pointer = run(levels if levels is not None and levels < 4 else 4, feed)
         times.append(time.perf_counter() - t)
         logits.append(out)
     return np.array(times), logits
@@ -143,16 +139,17 @@ def main(directory: Path, precision: str, bake: bool) -> None:
         separate_mb, merged_mb = resident(files), resident([merged])
         sessions, one = [session(f) for f in files], session(merged)
         shape = [1] + [int(d) for d in sessions[4].get_inputs()[1].shape[1:]]
+        rule = FastPathRule.from_manifest(runtime.load(directory).manifest.fast_paths)
         runs = {"five sessions": lambda k, feed: sessions[k].run(None, feed),
                 "one merged graph": lambda k, feed: one.run(None, {**feed, "path": np.array(k, np.int64)})}
         tokens = np.random.default_rng(0).integers(0, 60, 600)
-        _, a = stream(runs["five sessions"], shape, tokens[:300], 600)
-        _, b = stream(runs["one merged graph"], shape, tokens[:300], 600)
+        _, a = stream(runs["five sessions"], rule, shape, tokens[:300], 600)
+        _, b = stream(runs["one merged graph"], rule, shape, tokens[:300], 600)
         gap = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
         times = {name: [] for name in runs}
         for _ in range(5):
             for name, run in runs.items():
-                times[name].append(stream(run, shape, tokens, 600)[0][100:])
+                times[name].append(stream(run, rule, shape, tokens, 600)[0][100:])
         print(f"{directory} {precision}{' (baked)' if bake else ''}: max |logit gap| merged vs five sessions over 300 tokens: {gap:.3g}")
         sizes = {"five sessions": sum(f.stat().st_size for f in files), "one merged graph": merged.stat().st_size}
         memory = {"five sessions": separate_mb, "one merged graph": merged_mb}

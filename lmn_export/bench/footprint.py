@@ -18,16 +18,20 @@ from pathlib import Path
 
 import runtime
 
+from .decode_speed import stepper_files
+
 FILES_GOAL = 1.15  # export files per precision / that precision's weight bytes
 RSS_GOAL = 1.3  # resident memory of a loaded model / (weight bytes + state bytes)
 
 # Run in a fresh interpreter: resident memory of onnxruntime with one trivial session (its one-time
-# set-up), then after loading the export at one precision with every graph opened.
+# set-up), then after loading the export at one precision with every graph opened; also the graph files
+# that model may open and its step graph's file, so the measuring process is the only one that loads it.
 MEASURE = r"""
 import json, sys
 import numpy as np, onnxruntime as ort
 from onnx import TensorProto, helper
 import runtime
+from lmn_export.bench.footprint import graph_files
 from lmn_export.bench.timing import rss_bytes as rss
 
 g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
@@ -39,7 +43,8 @@ warm.run(None, {"x": np.zeros(1, np.float32)})
 before = rss()
 model = runtime.load(sys.argv[1], threads=int(sys.argv[3]), precision=sys.argv[2])
 model.preload()
-print(json.dumps({"rss_bytes": rss() - before}))
+added = rss() - before
+print(json.dumps({"rss_bytes": added, "files": graph_files(model), "step_file": model.step_graph["file"]}))
 """
 
 
@@ -67,37 +72,33 @@ def weight_bytes(path: Path) -> int:
 
 
 def graph_files(model: runtime.ExportedModel) -> list[str]:
-    """The files of every graph a model loaded at its precision may open."""
-    graphs = [model.step_graph, *model.fast_path_graphs.values(), *model.prefill_graphs]
-    return sorted({g["file"] for g in graphs})
+    """The files of every graph a model loaded at its precision may open: its stepper's, then its prefill graphs'."""
+    return sorted({*stepper_files(model), *(g["file"] for g in model.prefill_graphs)})
 
 
-def resident_bytes(directory: Path, precision: str, threads: int) -> int:
-    """What loading the export at `precision` (every graph opened) adds to a fresh process's resident memory."""
+def measure_loaded(directory: Path, precision: str, threads: int) -> dict:
+    """In a fresh process, the export loaded at `precision` with every graph opened: what it adds to the resident
+    memory (`rss_bytes`), the graph files it may open (`files`) and its step graph's file (`step_file`)."""
     done = subprocess.run([sys.executable, "-c", MEASURE, str(directory), precision, str(threads)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"measuring the resident memory of {directory} at {precision} failed: {tail}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["rss_bytes"])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_footprint(directory: Path, threads: int, log) -> list[dict]:
-    """A row per ONNX precision of the export: files, weights, resident memory and their ratios to the goals."""
+def bench_footprint(model: runtime.ExportedModel, threads: int, log) -> list[dict]:
+    """A row per ONNX precision of a loaded export: files, weights, resident memory and their ratios to the goals."""
     rows = []
-    manifest = runtime.load(directory, threads=threads).manifest
-    for precision in manifest.precisions("onnx"):
-        model = runtime.load(directory, threads=threads, precision=precision)
-        files = graph_files(model)
-        log(f"footprint: {precision} ({len(files)} graph files)")
-        weights = weight_bytes(model.directory / model.step_graph["file"])
-        file_bytes = sum((model.directory / f).stat().st_size for f in files)
-        rss = resident_bytes(model.directory, precision, threads)
-        rows.append({"precision": precision, "graph_files": len(files), "file_bytes": file_bytes,
-                     "weight_bytes": weights, "state_bytes": model.state_bytes, "rss_bytes": rss,
-                     "files_vs_weights": file_bytes / weights,
-                     "rss_vs_weights_and_state": rss / (weights + model.state_bytes),
-                     "goals": {"files_vs_weights": {"limit": FILES_GOAL, "met": file_bytes / weights <= FILES_GOAL},
-                               "rss_vs_weights_and_state": {"limit": RSS_GOAL,
-                                                            "met": rss / (weights + model.state_bytes) <= RSS_GOAL}}})
+    for precision in model.manifest.precisions("onnx"):
+        loaded = measure_loaded(model.directory, precision, threads)
+        log(f"footprint: {precision} ({len(loaded['files'])} graph files)")
+        weights = weight_bytes(model.directory / loaded["step_file"])
+        file_bytes = sum((model.directory / f).stat().st_size for f in loaded["files"])
+        ratios = {"files_vs_weights": file_bytes / weights,
+                  "rss_vs_weights_and_state": loaded["rss_bytes"] / (weights + model.state_bytes)}
+        limits = {"files_vs_weights": FILES_GOAL, "rss_vs_weights_and_state": RSS_GOAL}
+        rows.append({"precision": precision, "graph_files": len(loaded["files"]), "file_bytes": file_bytes,
+                     "weight_bytes": weights, "state_bytes": model.state_bytes, "rss_bytes": loaded["rss_bytes"],
+                     **ratios, "goals": {k: {"limit": limits[k], "met": ratios[k] <= limits[k]} for k in ratios}})
     return rows

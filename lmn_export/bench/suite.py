@@ -97,7 +97,7 @@ def run_export_sections(lmn_dir: Path | None, s: Settings, result: dict, log) ->
             gpt = trained_gpt_export(Path(tmp), log) if GPT_CHECKPOINT.is_dir() and val else None
             result["quality"] = bench_quality(model, gpt, val, log)
     if "footprint" in sections:
-        result["footprint"] = bench_footprint(model.directory, s.threads, log)
+        result["footprint"] = bench_footprint(model, s.threads, log)
 
 
 def summarize(r: dict) -> dict:

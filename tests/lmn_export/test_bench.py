@@ -24,7 +24,7 @@ from lmn_export.bench.baselines import KVConcatStepper, KVRowsStepper, session
 from lmn_export.bench.command import main, parse_contexts, parse_precisions, parse_presets, parse_sections
 from lmn_export.bench.decode_speed import (SpeedSettings, export_no_memory, fast, no_memory, profile_graph,
                                            python_overhead_us, steppers, time_interleaved)
-from lmn_export.bench.footprint import bench_footprint, resident_bytes, weight_bytes
+from lmn_export.bench.footprint import bench_footprint, measure_loaded, weight_bytes
 from lmn_export.bench.floor import (MIN_READ_BYTES, ReadCheckError, bytes_per_token, floor_fields, initializer_bytes,
                                     read_bandwidth)
 from lmn_export.bench.report import finite_json, results_json
@@ -552,8 +552,8 @@ def test_footprint_counts_every_file_a_precision_opens_and_each_weight_once(expo
     """The footprint row adds up the files lmn.json gives the precision's graphs, and its weights are the step
     graph's initializers counted by content (what one copy costs); resident memory is measured, positive and
     finite (its size is the machine's: only bounded)."""
-    [row] = bench_footprint(export_dir, 1, log=lambda m: None)  # the tiny export: fp32 only
     manifest = runtime.load(export_dir).manifest
+    [row] = bench_footprint(runtime.load(export_dir), 1, log=lambda m: None)  # the tiny export: fp32 only
     files = {g["file"] for g in manifest.graphs("onnx", precision="fp32")}
     assert row["graph_files"] == len(files) == 6  # the step, four fast paths and one prefill graph
     assert row["file_bytes"] == sum((export_dir / f).stat().st_size for f in files)
@@ -583,4 +583,4 @@ def test_weight_bytes_counts_a_tensor_stored_twice_once(tmp_path):
 
 def test_footprint_says_when_the_memory_cannot_be_measured(tmp_path):
     with pytest.raises(RuntimeError, match="measuring the resident memory of .* at fp32 failed: .*"):
-        resident_bytes(tmp_path / "missing", "fp32", 1)
+        measure_loaded(tmp_path / "missing", "fp32", 1)
