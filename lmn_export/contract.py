@@ -1,4 +1,4 @@
-"""lmn.json, format 3: the export's contract, built from the graphs an export wrote.
+"""lmn.json, format 4: the export's contract, built from the graphs an export wrote.
 
 One builder for every writer (lmn-export, the benchmark's timing exports): the vocabulary, the
 state and how it starts, the pointer range, the fast-path and prefill rules as data, each graph's
@@ -126,12 +126,12 @@ def prefill_section() -> dict:
 def build_manifest(directory: Path, cfg: dict, vocab_kind: str, chars: str | None, graphs: list[dict],
                    validated: list[tuple[int, int, str]], source: dict | None = None, parity: dict | None = None,
                    conformance: dict | None = None) -> dict:
-    """The sealed format-3 manifest of the graphs in `directory` (a copy of the schema is placed beside them)."""
+    """The sealed format-4 manifest of the graphs in `directory` (a copy of the schema is placed beside them)."""
     graphs = [{**g, "pointer_max": str(pointer_max(g, cfg))} if g["name"] != "prefill" else dict(g) for g in graphs]
     graphs = [{**g, "batch_rows": batch_rows(g)} for g in graphs]
     step = next(g for g in graphs if g["name"] == "step")
     shutil.copyfile(SCHEMA_PATH, directory / SCHEMA_FILE)
-    listed = [g["file"] for g in graphs] + [SCHEMA_FILE] + ([conformance["file"]] if conformance else [])
+    listed = [g["file"] for g in graphs] + sorted({g["weights"] for g in graphs if "weights" in g}) + [SCHEMA_FILE] + ([conformance["file"]] if conformance else [])
     files = {name: {"sha256": schema.file_digest(directory / name), "bytes": schema.file_size(directory / name)}
              for name in listed}
     data = {"$schema": SCHEMA_FILE, "format": schema.FORMAT, "format_version": schema.FORMAT_VERSION,

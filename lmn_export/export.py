@@ -30,6 +30,7 @@ from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
 from .quantize_graph import DEFAULT_QUANT_BLOCK
+from .weights_store import store_weights_once, weights_file
 from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_from_states, start_pointers,
                        stream_parity, stream_tokens)
 
@@ -363,6 +364,7 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             entries, judged = build(work, graphs)
             graphs += entries
             reports += judged
+    store_weights(work, graphs, progress)
 
     def manifest(conformance: dict | None = None) -> dict:
         return contract.build_manifest(
@@ -376,6 +378,18 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         final = manifest(write_conformance(work, text_ids, progress, options.other_cpus))
         contract.write_manifest(work, final)
     return ExportResult(work, final, reports)
+
+
+def store_weights(work: Path, graphs: list[dict], progress) -> None:
+    """Each precision's ONNX graphs read their weights from one shared file, each tensor stored once (lmn.json
+    graph field `weights`)."""
+    for precision in dict.fromkeys(g["precision"] for g in graphs if g["target"] == "onnx"):
+        entries = [g for g in graphs if g["target"] == "onnx" and g["precision"] == precision]
+        stored = store_weights_once(work, [g["file"] for g in entries], weights_file(precision))
+        progress(f"stored the {precision} weights once: {stored.tensors} tensors, {stored.bytes:,} bytes in {stored.file}, "
+                 f"read by {len(entries)} graphs")
+        for entry in entries:
+            entry["weights"] = stored.file
 
 
 def validated_ranges(reports: list[ParityReport]) -> list[tuple[int, int, str]]:

@@ -1,6 +1,6 @@
 """The export folder's manifest, `lmn.json`: the contract the runtime (or any client) reads first.
 
-Format 3 is defined by `runtime/lmn.schema.json` (a copy lies in every export folder, named by
+Format 4 is defined by `runtime/lmn.schema.json` (a copy lies in every export folder, named by
 its "$schema" field) and checked on load, with the cross-field rules a schema cannot state
 (`check_fields`). In short:
   model: the model config; vocabulary: kind, unit, tokens, id range, start token, unknown policies
@@ -8,11 +8,13 @@ its "$schema" field) and checked on load, with the cross-field rules a schema ca
   pointer: the supported input-pointer range (decimal strings) and the ranges parity validated
   fast_paths / prefill: the rules for choosing step_levels graphs and running prefill graphs, as data
   graphs: [{name, target, file, precision, quantization, inputs, outputs (each with a role), state
-           pairs (input -> output), levels / size / pointer_max}]: the runtime picks graphs by these
-           fields and binds tensors by role, never by file or tensor name
+           pairs (input -> output), levels / size / pointer_max, weights}]: the runtime picks graphs by
+           these fields and binds tensors by role, never by file or tensor name; an ONNX graph reads its
+           weight tensors from `weights`, one file per precision that all its graphs share
   files: {relative path: {sha256, bytes}}; integrity: the sha256 of the manifest itself
-A folder of an older format (format 2's prefill graphs start from the empty state only; format 1 predates
-this contract) is refused with a message to re-export it.
+A folder of an older format (format 3's graphs each embed their own copy of the weights; format 2's prefill
+graphs start from the empty state only; format 1 predates this contract) is refused with a message to
+re-export it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from . import reader
 from .schema_check import SchemaViolation, check, load_schema
 
 FORMAT = "lmn-export"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "lmn.json"
 MAX_MANIFEST_BYTES = 16 << 20  # the shipped lmn.json is under 100 KB; a 65,536-character vocabulary adds 256 KB
 
@@ -198,6 +200,8 @@ def check_fields(path: Path, data: dict[str, Any]) -> None:
         where = f"graph {entry['file']}"
         if entry["file"] not in data["files"]:
             _fail(path, f"{where} is not listed under 'files'")
+        if entry["target"] == "onnx" and entry.get("weights") not in data["files"]:
+            _fail(path, f"{where} names no weights file listed under 'files'")
         prefill = entry["name"] == "prefill"
         for kind, roles in (("inputs", ("tokens", "length") if prefill else ("token",)), ("outputs", ("logits",))):
             for role in roles:

@@ -1,4 +1,4 @@
-// lmn.mjs: a client for lmn export folders (manifest format 2), written from lmn.json alone.
+// lmn.mjs: a client for lmn export folders (manifest format 4), written from lmn.json alone.
 //
 // Runs in Node (onnxruntime-node) and in a browser (onnxruntime-web): the caller passes the `ort`
 // module and `fetchFile(name) -> Promise<Uint8Array>`; nothing here imports a platform module.
@@ -17,7 +17,7 @@
 
 export const MANIFEST = "lmn.json";
 export const FORMAT = "lmn-export";
-export const FORMAT_VERSION = 3;
+export const FORMAT_VERSION = 4;
 
 /** An export folder, argument or stream operation this client refuses; the message says what to do. */
 export class LmnError extends Error {
@@ -194,7 +194,7 @@ class ByteDecoder {
 
 // ---- the model -----------------------------------------------------------------------------
 
-/** lmn.json, read and checked: format 2, the fields this client uses, and (`verify`) its own sha256. */
+/** lmn.json, read and checked: format 4, the fields this client uses, and (`verify`) its own sha256. */
 export async function readManifest(fetchFile, { verify = true } = {}) {
   const bytes = await fetchFile(MANIFEST);
   let manifest;
@@ -258,6 +258,7 @@ export class Model {
       for (const g of onnx.filter((g) => g.name === "prefill" && g.precision === p)) prefill.set(g.size, g);
     this.prefillGraphs = manifest.prefill ? [...prefill.values()].sort((a, b) => a.size - b.size) : [];
     this.sessions = new Map(); // file -> Promise<session>
+    this.weights = new Map(); // weights file -> Promise<its bytes, checked>: one copy, shared by every graph of a precision
     const tensors = new Map(manifest.state.tensors.map((t) => [t.name, t]));
     for (const g of [this.stepGraph, ...this.fastGraphs.values()]) {
       need(g.state.length === tensors.size && g.state.every((p) => tensors.has(p.tensor)),
@@ -276,12 +277,26 @@ export class Model {
     return this.sessions.get(graph.file);
   }
 
+  /** The bytes of a weights file (lmn.json graph field `weights`), fetched and checked once. */
+  weightsBytes(name) {
+    if (!this.weights.has(name)) {
+      this.weights.set(name, this.fetchFile(name).then(async (bytes) => {
+        if (this.verify) await checkFile(this.manifest, name, bytes);
+        return bytes;
+      }));
+    }
+    return this.weights.get(name);
+  }
+
   async openSession(graph) {
     const bytes = await this.fetchFile(graph.file);
     if (this.verify) await checkFile(this.manifest, graph.file, bytes);
+    need(typeof graph.weights === "string", `graph ${graph.file} names no weights file`);
+    // the graph reads its weight tensors from graph.weights (ONNX external data): given as bytes, one copy for all graphs
+    const externalData = [{ path: graph.weights, data: await this.weightsBytes(graph.weights) }];
     let session;
     try {
-      session = await this.ort.InferenceSession.create(bytes, this.sessionOptions);
+      session = await this.ort.InferenceSession.create(bytes, { ...this.sessionOptions, externalData });
     } catch (e) {
       throw new LmnError(`onnxruntime cannot load ${graph.file} (${String(e.message ?? e).split("\n")[0]})`);
     }
