@@ -53,6 +53,9 @@ def _human(n: int) -> str:
               help="Weights per int4/int8 quantization block: 16, 32, 64, 128 or 256 (what onnxruntime runs).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
 @click.option("--stateful", is_flag=True, help="Also write an iOS 18 Core ML variant with fp16 StateType memory.")
+@click.option("--coreml-target", type=click.Choice(["iOS18", "iOS16"]), default="iOS18", show_default=True,
+              help="iOS18: the Core ML step and prefill graphs as functions of one package (weights stored once); "
+                   "iOS16: a package per graph, for older devices.")
 @click.option("--atol", type=float, default=None, help="Parity tolerance (default 1e-4 fp32, 0.1 fp16).")
 @click.option("--prefill", "prefill", default=",".join(map(str, DEFAULT_PREFILL_SIZES)), show_default=True,
               help="Prefill graph sizes in tokens (empty for none).")
@@ -64,12 +67,12 @@ def _human(n: int) -> str:
 @click.option("--other-cpus/--no-other-cpus", default=True, show_default=True,
               help="Also run the conformance vectors under qemu-x86_64 -cpu Haswell (x86 without VNNI) when qemu is installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def main(checkpoint, target, out, precision, quantize, quant_block, opset, stateful, atol, prefill, fast_paths,
-         parity_tokens, text, force, other_cpus, as_json):
+def main(checkpoint, target, out, precision, quantize, quant_block, opset, stateful, coreml_target, atol, prefill,
+         fast_paths, parity_tokens, text, force, other_cpus, as_json):
     """Export CHECKPOINT (default: the shipped model) as a stateful single-step graph, with parity."""
     targets = ("onnx", "coreml") if target == "all" else (target,)
     options = ExportOptions(targets=targets, precision=precision, quantize=_names(quantize), quant_block=quant_block,
-                            opset=opset, stateful=stateful, atol=atol, prefill_sizes=_sizes(prefill),
+                            opset=opset, stateful=stateful, coreml_target=coreml_target, atol=atol, prefill_sizes=_sizes(prefill),
                             fast_paths=fast_paths, parity_tokens=parity_tokens, text=text, force=force,
                             other_cpus=other_cpus)
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)

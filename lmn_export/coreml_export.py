@@ -1,4 +1,5 @@
-"""Core ML export of the step graph: mlprogram, iOS 16 / macOS 13, int32 token and pointer.
+"""Core ML export of the step and prefill graphs: mlprogram, int32 token and pointer; iOS 18 / macOS 15 (the
+functions of one package, `coreml_package`) or, asked for, iOS 16 / macOS 13 (a package per graph).
 
 The default keeps the state as explicit fp32 inputs and outputs. `stateful=True` writes an
 iOS 18 variant whose memory is a Core ML `StateType` updated in place; Core ML requires such
@@ -90,9 +91,9 @@ def convert_step(model: LMN | GPT, precision: str = "fp32", target: str = "iOS16
     return mlmodel, spec
 
 
-def export_step(model: LMN | GPT, path: Path, precision: str = "fp32") -> GraphSpec:
+def export_step(model: LMN | GPT, path: Path, precision: str = "fp32", target: str = "iOS16") -> GraphSpec:
     """Write the step graph as an .mlpackage with explicit state inputs and outputs."""
-    mlmodel, spec = convert_step(model, precision)
+    mlmodel, spec = convert_step(model, precision, target)
     mlmodel.save(str(path))
     return spec
 
@@ -120,7 +121,7 @@ def coreml_prefill_spec(cfg: LMNConfig, size: int) -> GraphSpec:
     return GraphSpec(tuple(map(core_ml, spec.inputs)), tuple(map(core_ml, spec.outputs)), spec.state)
 
 
-def export_prefill(model: LMN, path: Path, size: int, precision: str = "fp32") -> GraphSpec:
+def export_prefill(model: LMN, path: Path, size: int, precision: str = "fp32", target: str = "iOS16") -> GraphSpec:
     """Write a prefill graph (`size` tokens from any state, batch 1) as an .mlpackage."""
     ct = _coremltools()
     spec = coreml_prefill_spec(model.config, size)
@@ -128,7 +129,7 @@ def export_prefill(model: LMN, path: Path, size: int, precision: str = "fp32") -
     args = (torch.zeros(1, size, dtype=torch.int32), torch.tensor([size], dtype=torch.int32), memory,
             torch.tensor([2**30 + 5], dtype=torch.int32))
     traced = _trace(_Int32Prefill(model).eval(), args)
-    mlmodel = _convert(ct, traced, spec, precision, ct.target.iOS16)
+    mlmodel = _convert(ct, traced, spec, precision, getattr(ct.target, target))
     mlmodel.short_description = f"LMN prefill of up to {size} tokens from any state ({precision})"
     mlmodel.save(str(path))
     return spec

@@ -112,14 +112,18 @@ def load_program(mlmodel):
 
 
 class MILProgram:
-    """Evaluates the main function of a saved mlprogram on numpy inputs."""
+    """Evaluates one function of a saved mlprogram (`main`, or a named function of a multifunction package)
+    on numpy inputs."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, function: str | None = None):
         ct = _coremltools()
         from coremltools.converters.mil.mil import types
 
         self._types = types
-        self.function = load_program(ct.models.MLModel(str(path), skip_model_load=True)).functions["main"]
+        functions = load_program(ct.models.MLModel(str(path), skip_model_load=True)).functions
+        if (function or "main") not in functions:
+            raise ExportError(f"{path} has no Core ML function {function or 'main'!r} (it has {', '.join(sorted(functions))})")
+        self.function = functions[function or "main"]
         self.decompressed: dict[str, int] = {}  # constexpr op type -> weights decompressed at load
         for op in self.function.operations:
             if op.op_type.startswith("constexpr_"):
@@ -175,9 +179,9 @@ class MILProgram:
 class MLModelPredictor:
     """Core ML itself (macOS only)."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, function: str | None = None):
         ct = _coremltools()
-        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY, function_name=function)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """As MILProgram.predict: a StateType input `s` is written before and read back as `s_out`."""
@@ -192,8 +196,9 @@ class MLModelPredictor:
         return {**outputs, **{f"{name}_out": np.asarray(state.read_state(name)) for name in state_names}}
 
 
-def load_coreml(path: Path | str):
-    """(predictor, how) for a saved .mlpackage: Core ML on macOS, MIL evaluation elsewhere."""
+def load_coreml(path: Path | str, function: str | None = None):
+    """(predictor, how) for a saved .mlpackage (`function`: one of a multifunction package's): Core ML on macOS,
+    MIL evaluation elsewhere."""
     if platform.system() == "Darwin":
-        return MLModelPredictor(path), MACOS
-    return MILProgram(path), MIL
+        return MLModelPredictor(path, function), MACOS
+    return MILProgram(path, function), MIL

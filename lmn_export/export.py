@@ -30,6 +30,7 @@ from .parity_text import parity_ids
 from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
 from .quantize_graph import DEFAULT_QUANT_BLOCK
+from .coreml_package import MULTIFUNCTION_TARGET, combine_functions
 from .weights_store import store_weights_once, weights_file
 from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_from_states, start_pointers,
                        stream_parity, stream_tokens)
@@ -37,6 +38,7 @@ from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_
 log = logging.getLogger(__name__)
 TARGETS = ("onnx", "coreml")
 DEFAULT_PREFILL_SIZES = (64, 512, 4096)
+CORE_ML_TARGETS = ("iOS18", "iOS16")
 CORE_ML_MAX_LEVELS = 31  # block sizes 2^i must fit int32
 # LMN step graphs for tokens that re-summarize exactly k = 0..3 levels once the memory is full:
 # 15 of every 16 tokens (k has probability 2^-(k+1)); the rest use the general step graph.
@@ -56,6 +58,7 @@ class ExportOptions:
     quant_block: int = DEFAULT_QUANT_BLOCK  # weights per quantization block (a power of two >= 16)
     opset: int = DEFAULT_OPSET
     stateful: bool = False
+    coreml_target: str = "iOS18"  # iOS18: step and prefill as functions of one package; iOS16: a package per graph
     atol: float | None = None
     prefill_sizes: tuple[int, ...] = DEFAULT_PREFILL_SIZES
     fast_paths: int = DEFAULT_FAST_PATHS
@@ -141,6 +144,8 @@ def check_exportable(model, options: ExportOptions) -> None:
         raise ExportError("--precision fp16 applies to Core ML; add --to coreml (ONNX stays fp32; see --quantize)")
     if options.stateful and "coreml" not in options.targets:
         raise ExportError("--stateful applies to Core ML; add --to coreml")
+    if options.coreml_target not in CORE_ML_TARGETS:
+        raise ExportError(f"--coreml-target must be one of {', '.join(CORE_ML_TARGETS)}, got {excerpt(options.coreml_target)}")
 
 
 def export(checkpoint: Path | str | None, out: Path | str, options: ExportOptions, progress=None) -> ExportResult:
@@ -298,29 +303,30 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
     """The Core ML graphs of an export: step, prefill sizes, quantized steps, the stateful step."""
     from .coreml_run import load_coreml
 
-    precision, steps = options.precision, options.parity_tokens
+    precision, steps, target = options.precision, options.parity_tokens, options.coreml_target
+    deployment = {"iOS18": "iOS18/macOS15", "iOS16": "iOS16/macOS13"}[target]
     bound = _atol(options, FP16_ATOL if precision == "fp16" else FP32_ATOL)
     starts = start_pointers(model, steps, 2**31 - 1)  # int32 pointers
     tokens = stream_tokens(model, text_ids, steps, len(starts))
 
     def step(work: Path, _):
         progress(f"exporting Core ML step graph ({precision})")
-        spec = coreml_export.export_step(model, work / "model.mlpackage", precision)
+        spec = coreml_export.export_step(model, work / "model.mlpackage", precision, target)
         predictor, runner = load_coreml(work / "model.mlpackage")
         progress(f"checking Core ML parity over {steps} tokens with {runner}")
         report = stream_parity(model, predictor, spec, tokens, starts, bound, f"coreml step ({precision})", runner)
-        return [coreml_entry("step", "model.mlpackage", spec, precision)], [report]
+        return [coreml_entry("step", "model.mlpackage", spec, precision, deployment)], [report]
 
     def prefill(size: int):
         def build(work: Path, _):
             name = f"prefill_{size}.mlpackage"
             progress(f"exporting Core ML prefill graph ({size} tokens, {precision})")
-            spec = coreml_export.export_prefill(model, work / name, size, precision)
+            spec = coreml_export.export_prefill(model, work / name, size, precision, target)
             predictor, runner = load_coreml(work / name)
             progress(f"checking Core ML prefill {size} parity with {runner}")
             report = prefill_from_states(model, predictor, spec, text_ids, bound, f"coreml prefill {size} ({precision})",
                                          runner, int_max=2**31 - 1)
-            return [coreml_entry("prefill", name, spec, precision, size=size)], [report]
+            return [coreml_entry("prefill", name, spec, precision, deployment, size=size)], [report]
         return build
 
     def quantized(work: Path, entries: list[dict]):  # int4 / int8 weight-only copies, each judged against the step
@@ -365,6 +371,9 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             graphs += entries
             reports += judged
     store_weights(work, graphs, progress)
+    if "coreml" in options.targets and options.coreml_target == MULTIFUNCTION_TARGET:
+        combine_functions(work, [g for g in graphs if g["target"] == "coreml" and g["name"] in ("step", "prefill")
+                                 and g["precision"] == options.precision], progress)
 
     def manifest(conformance: dict | None = None) -> dict:
         return contract.build_manifest(

@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from .manifest import role_tensor, state_input
+from .manifest import graph_label, role_tensor, state_input
 
 ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -171,7 +171,7 @@ class CoreMLStepper:
 
     def step(self, token: int) -> np.ndarray:
         out = self.model.predict({self.token["name"]: np.array([token], dtype=self.token_dtype), **self._state})
-        self.calls[self.graph.get("file", "step")] += 1
+        self.calls[graph_label(self.graph) if "file" in self.graph else "step"] += 1
         self._state = {name: np.asarray(out[o], dtype=self._state[name].dtype) for name, o in self.pairs}
         return np.asarray(out[self.logits], dtype=np.float32)[0]
 
@@ -180,8 +180,9 @@ class CoreMLStepper:
         return int(self._state[self.pointer_input][0])
 
 
-def load_coreml_model(path: str):
-    """The Core ML model at `path`, or a BackendError off macOS."""
+def load_coreml_model(path: str, function: str | None = None):
+    """The Core ML model at `path` (`function`: that function of a multifunction package), or a BackendError
+    off macOS; a package without `function` is a ManifestError."""
     if platform.system() != "Darwin":
         raise BackendError(
             f"the Core ML backend runs only on macOS (this is {platform.system()}); "
@@ -191,4 +192,11 @@ def load_coreml_model(path: str):
         import coremltools as ct
     except ImportError:
         raise BackendError("the Core ML backend needs coremltools: pip install coremltools") from None
-    return ct.models.MLModel(path, compute_units=ct.ComputeUnit.ALL)
+    if function is not None:
+        from .manifest import ManifestError
+
+        have = [f.name for f in ct.utils.load_spec(path).description.functions]
+        if function not in have:
+            raise ManifestError(f"{path} has no Core ML function {function!r} (it has {', '.join(have) or 'none'}); "
+                                "the folder mixes files of different exports: re-export it")
+    return ct.models.MLModel(path, compute_units=ct.ComputeUnit.ALL, function_name=function)

@@ -192,6 +192,11 @@ def read_json(path: Path, error: type[Exception], max_bytes: int = MAX_MANIFEST_
     return reader.read_json(path, error, max_bytes, "re-export the model", what=f"{path.name} file")
 
 
+def graph_label(graph: dict[str, Any]) -> str:
+    """How a graph is named in counts and messages: its file, with `#function` for a function of a Core ML package."""
+    return graph["file"] + (f"#{graph['function']}" if graph.get("function") else "")
+
+
 def check_fields(path: Path, data: dict[str, Any]) -> None:
     """The cross-field rules the schema cannot state: files listed, one graph per choice, roles complete."""
     check_vocab(path, data)
@@ -218,6 +223,9 @@ def check_fields(path: Path, data: dict[str, Any]) -> None:
             _fail(path, f"{where} does not carry every state tensor, or lacks pointer_max")
         if entry["name"] == "step_levels" and "levels" not in entry or prefill and "size" not in entry:
             _fail(path, f"{where} lacks its {'size' if prefill else 'levels'}")
+    packages = [(g["file"], g.get("function")) for g in data["graphs"] if g["target"] == "coreml"]
+    if len(set(packages)) != len(packages):
+        _fail(path, "two Core ML graphs name the same package and function")
     onnx = [(g["name"], precision_of(g), str(g.get("levels")), str(g.get("size"))) for g in data["graphs"] if g["target"] == "onnx"]
     twice = sorted({i for i in onnx if onnx.count(i) > 1})
     if twice:  # the runtime picks ONNX graphs by these fields: each must name one graph

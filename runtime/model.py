@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import ORT_DTYPES, BackendError, CoreMLStepper, FastPathRule, OnnxStepper, empty_state, load_coreml_model
-from .manifest import MANIFEST, Manifest, ManifestError, precision_of, read_manifest, role_name, state_input
+from .manifest import MANIFEST, Manifest, ManifestError, graph_label, precision_of, read_manifest, role_name, state_input
 from .vocab import Vocab, make_vocab
 
 BACKENDS = ("onnxruntime", "coreml")
@@ -80,7 +80,7 @@ class ExportedModel:
                 raise ManifestError(f"{self.directory} has no {precision} Core ML step graph; re-export with lmn-export --to coreml"
                                     + (f" --quantize {precision}" if precision != "fp32" else ""))
             self.step_graph = found[0]
-            self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]))
+            self._coreml = load_coreml_model(str(self.directory / self.step_graph["file"]), self.step_graph.get("function"))
         else:  # graphs chosen by their manifest fields (name, precision, levels, size), never by file name
             self.step_graph = manifest.graph("step", "onnx", precision)
             if self.step_graph is None:
@@ -170,7 +170,7 @@ class ExportedModel:
         inputs[tokens][0, :used] = ids[:used]
         out = run(inputs)
         after = {state_input(self.step_graph, pair["tensor"]): out[pair["output"]] for pair in graph["state"]}
-        return used, np.asarray(out[role_name(graph["outputs"], "logits")], dtype=np.float32)[0], after, graph["file"]
+        return used, np.asarray(out[role_name(graph["outputs"], "logits")], dtype=np.float32)[0], after, graph_label(graph)
 
     def check_state(self, state: dict[str, np.ndarray], count: int) -> None:
         """`state` is one stream's state of this model (the step graph's state inputs: names, batch-1 shapes, dtypes)
@@ -199,7 +199,7 @@ class ExportedModel:
     def _prefill_runner(self, graph: dict):
         """inputs -> outputs (dicts by name) of a prefill graph: an onnxruntime session, or Core ML's MLModel (macOS)."""
         if self.backend == "coreml":
-            mlmodel = load_coreml_model(str(self.directory / graph["file"]))
+            mlmodel = load_coreml_model(str(self.directory / graph["file"]), graph.get("function"))
             return lambda inputs: mlmodel.predict(inputs)
         session = self._session(graph)
         names = [o.name for o in session.get_outputs()]

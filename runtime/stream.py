@@ -72,7 +72,8 @@ class Stream:
 
     @property
     def graph_calls(self) -> Counter[str]:
-        """How many calls each graph file served in this stream (steps and prefills): which graph ran."""
+        """How many calls each graph served in this stream (steps and prefills), by file (`file#function` for a
+        function of a Core ML package): which graph ran."""
         return self.stepper.calls + self.prefill_calls
 
     @property

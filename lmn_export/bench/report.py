@@ -54,7 +54,7 @@ def print_footprint(rows: list[dict]) -> None:
                "the model with every graph opened adds to a process running onnxruntime):")
     for row in rows:
         goals = row["goals"]
-        click.echo(f"  {row['precision']:<13} {row['graph_files']} files {row['file_bytes'] / 1e6:7.2f} MB, weights "
+        click.echo(f"  {row['precision']:<13} {row['files']} files {row['file_bytes'] / 1e6:7.2f} MB, weights "
                    f"{row['weight_bytes'] / 1e6:6.2f} MB: files {row['files_vs_weights']:5.2f}x (goal <= "
                    f"{goals['files_vs_weights']['limit']}x: {'met' if goals['files_vs_weights']['met'] else 'missed'}); "
                    f"resident {row['rss_bytes'] / 1e6:6.1f} MB, {row['rss_vs_weights_and_state']:5.1f}x weights + state "

@@ -209,15 +209,16 @@ def test_coreml_backend_loads_the_graph_of_the_precision_asked_for(full_export, 
     import runtime.model
 
     loaded = []
-    monkeypatch.setattr(runtime.model, "load_coreml_model", lambda path: loaded.append(path) or object())
+    monkeypatch.setattr(runtime.model, "load_coreml_model",
+                        lambda path, function: loaded.append((path, function)) or object())
     graphs = read_manifest(full_export.directory).graphs("coreml", "step")
-    want = [g["file"] for g in graphs if precision_of(g) == precision]
+    want = [(g["file"], g.get("function")) for g in graphs if precision_of(g) == precision]
     if not want:
         with pytest.raises(ManifestError, match=f"no {precision} Core ML step graph"):
             runtime.load(full_export.directory, backend="coreml", precision=precision)
         return
     model = runtime.load(full_export.directory, backend="coreml", precision=precision)
-    assert loaded == [str(full_export.directory / want[0])] and model.step_graph["file"] == want[0]
+    assert loaded == [(str(full_export.directory / want[0][0]), want[0][1])] and model.step_graph["file"] == want[0][0]
     with pytest.raises(ValueError, match="dynamic-int8 is an ONNX graph set"):
         runtime.load(full_export.directory, backend="coreml", precision="dynamic-int8")
 
@@ -230,7 +231,7 @@ def test_coreml_backend_prefills_from_any_state(full_export, monkeypatch):
     import runtime.model
     from lmn_export.coreml_run import load_coreml
 
-    monkeypatch.setattr(runtime.model, "load_coreml_model", lambda path: load_coreml(path)[0])
+    monkeypatch.setattr(runtime.model, "load_coreml_model", lambda path, function: load_coreml(path, function)[0])
     coreml, onnx = runtime.load(full_export.directory, backend="coreml"), runtime.load(full_export.directory)
     ids = [i * 7 % TINY.vocab_size for i in range(70)]
     streams = [runtime.Stream(coreml), runtime.Stream(onnx)]
@@ -238,7 +239,8 @@ def test_coreml_backend_prefills_from_any_state(full_export, monkeypatch):
         stream.feed_ids(ids[:5])  # stepped
         stream.feed_ids(ids[5:35])  # mid-stream, at pointer 5: 24 prefilled, 6 stepped
         stream.feed_ids(ids[35:])  # pointer 35: 24 prefilled, then 11 (< 16) stepped
-    assert streams[0].graph_calls == {"prefill_24.mlpackage": 2, "model.mlpackage": 5 + 6 + 11}
+    # one package (iOS 18): the step and the prefill are its functions
+    assert streams[0].graph_calls == {"model.mlpackage#prefill_24": 2, "model.mlpackage#step": 5 + 6 + 11}
     np.testing.assert_allclose(streams[0].logits, streams[1].logits, atol=1e-4)
     np.testing.assert_allclose(streams[0].stepper.state["memory"], streams[1].stepper.state["memory"], atol=1e-4)
 
