@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The first measurement of one graph per precision: the step and its fast paths merged under `If`.
 
-    python docs/one_graph_prototype.py [EXPORT_DIR] [PRECISION] [bake]   (default: runtime/default fp32)
+    python docs/one_graph_prototype.py [EXPORT_DIR] [PRECISION] [bake|inside]   (default: runtime/default fp32)
 
 Merges an export's general step graph and its fast paths `step_levels_0..3` at one precision into one
 ONNX graph: every initializer once at the top level (deduplicated by content), each graph's nodes as a
@@ -12,7 +12,9 @@ mean over 5 interleaved rounds of 500 timed tokens each, the file bytes, and wha
 the resident memory of a process already running onnxruntime (after malloc_trim, Linux). A prototype to
 decide the layout (BENCHMARKS "Footprint"), not a product path. `bake` first saves each graph as
 onnxruntime's basic optimizations leave it (constant folding: the weight views onnxruntime would otherwise
-fold per branch at load are folded once, in the file). Needs the [export] install.
+fold per branch at load are folded once, in the file). `inside` keeps each branch's weights as initializers of
+that branch (onnxruntime prepacks those, as it does a graph's own), so the file holds one copy per branch.
+Needs the [export] install.
 """
 
 from __future__ import annotations
@@ -36,16 +38,22 @@ from runtime.model import open_session
 GRAPHS = ("step_levels_0", "step_levels_1", "step_levels_2", "step_levels_3", "model")  # path 0..3, then 4
 
 
-def merged_graph(models: list[onnx.ModelProto]) -> onnx.ModelProto:
-    """One graph: the models' initializers once at the top, model k as the branch taken when path == k."""
+def merged_graph(models: list[onnx.ModelProto], inside: bool = False) -> onnx.ModelProto:
+    """One graph: the models' initializers once at the top (`inside`: in each branch), model k as the branch taken
+    when path == k."""
     first = models[0].graph
     outer = {i.name for i in first.input}
     shared: dict[str, onnx.TensorProto] = {}
     opsets: dict[str, int] = {}
 
     def branch(model: onnx.ModelProto, k: int) -> onnx.GraphProto:
-        renamed = {}
+        renamed, local = {}, []
         for t in model.graph.initializer:
+            if inside:
+                local.append(onnx.TensorProto())
+                local[-1].CopyFrom(t)
+                local[-1].name = renamed[t.name] = f"b{k}_{t.name}"
+                continue
             name = "w_" + hashlib.sha256(t.SerializeToString(deterministic=True).replace(t.name.encode(), b"")).hexdigest()[:20]
             renamed[t.name] = name
             if name not in shared:
@@ -64,7 +72,7 @@ def merged_graph(models: list[onnx.ModelProto]) -> onnx.ModelProto:
         for o in model.opset_import:
             opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         outputs = [helper.make_tensor_value_info(name_of(o.name), o.type.tensor_type.elem_type, None) for o in model.graph.output]
-        return helper.make_graph(nodes, f"branch{k}", [], outputs)
+        return helper.make_graph(nodes, f"branch{k}", [], outputs, local)
 
     branches = [branch(m, k) for k, m in enumerate(models)]
 
@@ -128,13 +136,13 @@ def baked(path: Path, directory: Path) -> Path:
     return directory / path.name
 
 
-def main(directory: Path, precision: str, bake: bool) -> None:
+def main(directory: Path, precision: str, bake: bool, inside: bool = False) -> None:
     suffix = "" if precision == "fp32" else f".{precision}"
     files = [directory / f"{name}{suffix}.onnx" for name in GRAPHS]
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / "merged.onnx"
         sources = [baked(f, Path(tmp)) for f in files] if bake else files
-        onnx.save(merged_graph([onnx.load(str(f)) for f in sources]), str(merged))
+        onnx.save(merged_graph([onnx.load(str(f)) for f in sources], inside), str(merged))
         session(directory / "model.onnx")  # onnxruntime's own set-up, before any memory is measured
         separate_mb, merged_mb = resident(files), resident([merged])
         sessions, one = [session(f) for f in files], session(merged)
@@ -150,7 +158,7 @@ def main(directory: Path, precision: str, bake: bool) -> None:
         for _ in range(5):
             for name, run in runs.items():
                 times[name].append(stream(run, rule, shape, tokens, 600)[0][100:])
-        print(f"{directory} {precision}{' (baked)' if bake else ''}: max |logit gap| merged vs five sessions over 300 tokens: {gap:.3g}")
+        print(f"{directory} {precision}{' (baked)' if bake else ''}{' (weights inside branches)' if inside else ''}: max |logit gap| merged vs five sessions over 300 tokens: {gap:.3g}")
         sizes = {"five sessions": sum(f.stat().st_size for f in files), "one merged graph": merged.stat().st_size}
         memory = {"five sessions": separate_mb, "one merged graph": merged_mb}
         for name, samples in times.items():
@@ -161,4 +169,4 @@ def main(directory: Path, precision: str, bake: bool) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runtime/default"), sys.argv[2] if len(sys.argv) > 2 else "fp32",
-         len(sys.argv) > 3 and sys.argv[3] == "bake")
+         len(sys.argv) > 3 and sys.argv[3] == "bake", len(sys.argv) > 3 and sys.argv[3] == "inside")

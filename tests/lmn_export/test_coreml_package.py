@@ -10,7 +10,7 @@ import platform
 import pytest
 
 import runtime
-from lmn_export import coreml_export, coreml_package
+from lmn_export import coreml_export
 from lmn_export.coreml_package import combine_functions, program_digest
 from lmn_export.coreml_run import load_coreml
 from lmn_export.export import ExportOptions, export
