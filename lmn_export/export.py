@@ -356,12 +356,34 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
     return families
 
 
+def store_onnx_weights(work: Path, graphs: list[dict], options: ExportOptions, progress) -> None:
+    """Each precision's ONNX graphs read their weights from one shared file, each tensor stored once (lmn.json
+    graph field `weights`)."""
+    for precision in dict.fromkeys(g["precision"] for g in graphs):
+        entries = [g for g in graphs if g["precision"] == precision]
+        stored = store_weights_once(work, [g["file"] for g in entries], weights_file(precision))
+        progress(f"stored the {precision} weights once: {stored.tensors} tensors, {stored.bytes:,} bytes in {stored.file}, "
+                 f"read by {len(entries)} graphs")
+        for entry in entries:
+            entry["weights"] = stored.file
+
+
+def store_coreml_functions(work: Path, graphs: list[dict], options: ExportOptions, progress) -> None:
+    """iOS 18: the step and prefill graphs become the functions of one package, their shared weights stored once
+    (lmn.json graph field `function`); iOS 16 keeps a package per graph."""
+    if options.coreml_target == MULTIFUNCTION_TARGET:
+        combine_functions(work, [g for g in graphs if g["name"] in ("step", "prefill") and g["precision"] == options.precision],
+                          progress)
+
+
 PLANS = {"onnx": onnx_families, "coreml": coreml_families}  # per target: the graph families it builds
+STORES = {"onnx": store_onnx_weights, "coreml": store_coreml_functions}  # per target: how its checked graphs are stored
 
 
 def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOptions, progress) -> ExportResult:
-    """Build every family of graphs (each written and checked), write the manifest, then, if every check
-    passed, the conformance vectors and the manifest that lists them."""
+    """Build every family of graphs (each written and checked), store each target's graphs with one copy of the
+    weights (STORES), write the manifest, then, if every check passed, the conformance vectors and the manifest
+    that lists them."""
     cfg = model.config
     text_ids, text_source = parity_ids(model, vocab, options.parity_tokens, options.text)
     graphs, reports = [], []
@@ -370,10 +392,8 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
             entries, judged = build(work, graphs)
             graphs += entries
             reports += judged
-    store_weights(work, graphs, progress)
-    if "coreml" in options.targets and options.coreml_target == MULTIFUNCTION_TARGET:
-        combine_functions(work, [g for g in graphs if g["target"] == "coreml" and g["name"] in ("step", "prefill")
-                                 and g["precision"] == options.precision], progress)
+    for target in (t for t in TARGETS if t in options.targets):
+        STORES[target](work, [g for g in graphs if g["target"] == target], options, progress)
 
     def manifest(conformance: dict | None = None) -> dict:
         return contract.build_manifest(
@@ -387,18 +407,6 @@ def _export_into(work: Path, model, vocab, checkpoint: Path, options: ExportOpti
         final = manifest(write_conformance(work, text_ids, progress, options.other_cpus))
         contract.write_manifest(work, final)
     return ExportResult(work, final, reports)
-
-
-def store_weights(work: Path, graphs: list[dict], progress) -> None:
-    """Each precision's ONNX graphs read their weights from one shared file, each tensor stored once (lmn.json
-    graph field `weights`)."""
-    for precision in dict.fromkeys(g["precision"] for g in graphs if g["target"] == "onnx"):
-        entries = [g for g in graphs if g["target"] == "onnx" and g["precision"] == precision]
-        stored = store_weights_once(work, [g["file"] for g in entries], weights_file(precision))
-        progress(f"stored the {precision} weights once: {stored.tensors} tensors, {stored.bytes:,} bytes in {stored.file}, "
-                 f"read by {len(entries)} graphs")
-        for entry in entries:
-            entry["weights"] = stored.file
 
 
 def validated_ranges(reports: list[ParityReport]) -> list[tuple[int, int, str]]:
