@@ -219,7 +219,11 @@ def test_every_precision_conforms_batched_and_single_in_both_languages(quantized
     report = json.loads(done.stdout)["cases"]
     batched = {c["precision"]: c for c in report if c["name"] == "batched-with-another-stream"}
     assert set(batched) == {"fp32", "int8", "int4", "dynamic-int8"}
-    assert all(c["passed"] and c["batch_gap"] == 0 for c in batched.values()), batched  # rows bit-identical alone and batched
+    # rows alone and batched agree within the contract's batch_atol 1e-5: fp32, int8 and dynamic-int8 (stepped alone)
+    # bit-identical; onnxruntime-node 1.30's int4 kernels differ by up to 5e-7 between a batch of 2 and 1 on some
+    # inputs (2e-7 on random memory with weights embedded in the graphs as well: not the weights file)
+    assert all(c["passed"] and c["batch_gap"] <= 1e-5 for c in batched.values()), batched
+    assert all(c["batch_gap"] == 0 for p, c in batched.items() if p != "int4"), batched
     manifest = json.loads((quantized_export / "lmn.json").read_text(encoding="utf-8"))
     rows = {g["precision"]: g["batch_rows"] for g in manifest["graphs"] if g["name"] != "prefill"}
     assert rows == {"fp32": "independent", "int8": "independent", "int4": "independent", "dynamic-int8": "coupled"}
