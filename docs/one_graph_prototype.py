@@ -159,7 +159,9 @@ def main(directory: Path, precision: str, bake: bool, inside: bool = False) -> N
             for name, run in runs.items():
                 times[name].append(stream(run, rule, shape, tokens, 600)[0][100:])
         print(f"{directory} {precision}{' (baked)' if bake else ''}{' (weights inside branches)' if inside else ''}: max |logit gap| merged vs five sessions over 300 tokens: {gap:.3g}")
-        sizes = {"five sessions": sum(f.stat().st_size for f in files), "one merged graph": merged.stat().st_size}
+        shared = directory / f"weights.{precision}.bin"  # the weights file the five graphs share (manifest format 4)
+        sizes = {"five sessions": sum(f.stat().st_size for f in files) + (shared.stat().st_size if shared.exists() else 0),
+                 "one merged graph": merged.stat().st_size}
         memory = {"five sessions": separate_mb, "one merged graph": merged_mb}
         for name, samples in times.items():
             us = np.concatenate(samples) * 1e6
