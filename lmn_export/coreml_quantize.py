@@ -137,10 +137,10 @@ def judge(want: np.ndarray, got: np.ndarray, targets: list[int], kind: str, runn
     return report
 
 
-def _uncompressed(model, source: Path, fmt: Format, precision: str):
-    """The step to compress: the saved package `source` (iOS 16) itself, or the step converted anew
-    for the newer target the format needs."""
-    if fmt.target == "iOS16":
+def _uncompressed(model, source: Path, source_target: str, fmt: Format, precision: str):
+    """The step to compress: the saved package `source` (converted for `source_target`) itself when the format
+    needs that target, else the step converted anew for the format's target (its decompression op's)."""
+    if fmt.target == source_target:
         return _coremltools().models.MLModel(str(source), skip_model_load=True)
     return convert_step(model, precision, fmt.target)[0]
 
@@ -148,7 +148,7 @@ def _uncompressed(model, source: Path, fmt: Format, precision: str):
 def export_quantized(model, work: Path, options, source: Path, spec: GraphSpec, text_ids: list[int],
                      progress=lambda message: None) -> tuple[list[dict], list[ParityReport]]:
     """Write `model.<kind>.mlpackage` into `work` for each Core ML kind in `options.quantize`: the step
-    saved at `source` (iOS 16, `options.precision`) with compressed weights, each judged against that
+    saved at `source` (`options.coreml_target`, `options.precision`) with compressed weights, each judged against that
     step on the parity text. Returns their manifest entries and reports (a failed report fails the export)."""
     kinds = [k for k in QUANTIZE_CHOICES if k in FORMATS and k in options.quantize]
     if not kinds:
@@ -162,7 +162,7 @@ def export_quantized(model, work: Path, options, source: Path, spec: GraphSpec, 
         block = options.quant_block if fmt.granularity == "per-block" else None
         progress(f"compressing Core ML step weights to {kind} ({fmt.granularity}"
                  + (f", blocks of {block}" if block else "") + f", {DEPLOYMENT[fmt.target]})")
-        compressed, done, left, ops = compress(_uncompressed(model, source, fmt, options.precision), kind, block or 0)
+        compressed, done, left, ops = compress(_uncompressed(model, source, options.coreml_target, fmt, options.precision), kind, block or 0)
         compressed.short_description = (f"{type(model).__name__} single-token step ({kind} weights, "
                                         f"{options.precision} compute)")
         compressed.save(str(work / name))

@@ -31,7 +31,7 @@ from .predictors import FastPathPredictor, OnnxPredictor
 from .quantize import QUANT_BLOCKS, QUANTIZE_CHOICES, export_precision
 from .quantize_graph import DEFAULT_QUANT_BLOCK
 from .coreml_package import MULTIFUNCTION_TARGET, combine_functions
-from .weights_store import store_weights_once, weights_file
+from .weights_store import store_each_precision
 from .validate import (FP16_ATOL, FP32_ATOL, ParityReport, check_names, prefill_from_states, start_pointers,
                        stream_parity, stream_tokens)
 
@@ -359,13 +359,7 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
 def store_onnx_weights(work: Path, graphs: list[dict], options: ExportOptions, progress) -> None:
     """Each precision's ONNX graphs read their weights from one shared file, each tensor stored once (lmn.json
     graph field `weights`)."""
-    for precision in dict.fromkeys(g["precision"] for g in graphs):
-        entries = [g for g in graphs if g["precision"] == precision]
-        stored = store_weights_once(work, [g["file"] for g in entries], weights_file(precision))
-        progress(f"stored the {precision} weights once: {stored.tensors} tensors, {stored.bytes:,} bytes in {stored.file}, "
-                 f"read by {len(entries)} graphs")
-        for entry in entries:
-            entry["weights"] = stored.file
+    store_each_precision(work, graphs, progress)
 
 
 def store_coreml_functions(work: Path, graphs: list[dict], options: ExportOptions, progress) -> None:

@@ -114,6 +114,18 @@ def _rewrite(model: onnx.ModelProto, store: _Store) -> dict[str, str]:
     return expected
 
 
+def store_each_precision(directory: Path, graphs: list[dict], progress=lambda message: None) -> None:
+    """Each precision's ONNX graphs (manifest entries, files in `directory`) read one shared weights file; sets
+    each entry's `weights` (lmn.json)."""
+    for precision in dict.fromkeys(g["precision"] for g in graphs):
+        entries = [g for g in graphs if g["precision"] == precision]
+        stored = store_weights_once(directory, [g["file"] for g in entries], weights_file(precision))
+        progress(f"stored the {precision} weights once: {stored.tensors} tensors, {stored.bytes:,} bytes in {stored.file}, "
+                 f"read by {len(entries)} graphs")
+        for entry in entries:
+            entry["weights"] = stored.file
+
+
 def store_weights_once(directory: Path, files: list[str], name: str) -> StoredWeights:
     """Rewrite the graph `files` in `directory` to read their weights from one file `name` there, each distinct
     tensor stored once; raises WeightsStoreError if any rewritten graph would read other bytes."""

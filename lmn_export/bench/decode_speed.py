@@ -99,7 +99,7 @@ def export_preset(name: str, work: Path, vocab_size: int, precisions: tuple[str,
 def requantize_export(shipped: runtime.ExportedModel, work: Path, precisions: tuple[str, ...], log) -> Path:
     """The export's fp32 step and fast-path graphs copied into `work`, with every precision made
     here (plain round-to-nearest, no gate repair): for an export that lacks some of them."""
-    import shutil
+    import onnx
 
     from models.config import config_from_dict
 
@@ -107,8 +107,8 @@ def requantize_export(shipped: runtime.ExportedModel, work: Path, precisions: tu
     out.mkdir()
     log(f"export: quantizing its step graphs to {', '.join(p for p in precisions if p != 'fp32')} (timing only)")
     graphs = [shipped.step_graph, *shipped.fast_path_graphs.values()]
-    for g in graphs:
-        shutil.copyfile(shipped.directory / g["file"], out / g["file"])
+    for g in graphs:  # with their weights embedded, as the quantizers read them; stored once again below
+        onnx.save(onnx.load(str(shipped.directory / g["file"])), str(out / g["file"]))
     return write_step_export(out, config_from_dict(shipped.config), graphs, precisions)
 
 
@@ -139,8 +139,10 @@ def write_step_export(out: Path, cfg, graphs: list[dict], precisions: tuple[str,
     loads (no parity: timing only). The one place the benchmark writes a manifest."""
     from .. import contract
     from ..quantize_graph import write_quantized_copy
+    from ..weights_store import store_each_precision
 
     graphs = graphs + [write_quantized_copy(out, g, p) for p in precisions if p != "fp32" for g in graphs]
+    store_each_precision(out, graphs)  # as lmn-export stores them
     vocab = "".join(chr(32 + i) for i in range(cfg.vocab_size))  # random weights: any characters will do
     contract.write_manifest(out, contract.build_manifest(out, cfg.to_dict(), "chars", vocab, graphs, validated=[]))
     return out
@@ -266,14 +268,20 @@ def timed_folder(name: str, cfg: dict, shipped: runtime.ExportedModel, precision
 
 def precision_figures(timings: dict, precision: str, directory: Path, bare_dir: Path, files: dict) -> dict:
     """summary.speed[preset][precision]: time, the bytes one token reads and their floor, the
-    memory-free twin, the files."""
+    memory-free twin, the files (the step graphs and their weights file)."""
     lmn, bare = timings[fast(precision)], timings[no_memory(precision)]
     weight_bytes = bytes_per_token(collections.Counter(lmn["calls"]), directory)
     row = {"p50_us": lmn["p50_us"], "mean_us": lmn["mean_us"],
            **floor_fields(lmn["mean_us"], weight_bytes, read_bandwidth(weight_bytes)),
            "no_memory_mean_us": bare["mean_us"], "ratio_vs_no_memory_mean": lmn["mean_us"] / bare["mean_us"],
-           "file_bytes": sum((directory / f).stat().st_size for f in files[precision])}
+           "file_bytes": sum((directory / f).stat().st_size for f in with_weights(directory, files[precision]))}
     return row
+
+
+def with_weights(directory: Path, files: list[str]) -> set[str]:
+    """Graph files and the weights files they read (lmn.json graph field `weights`)."""
+    graphs = runtime.read_manifest(directory, verify_files=False).data["graphs"]
+    return set(files) | {g["weights"] for g in graphs if g["file"] in files and "weights" in g}
 
 
 def bench_decode_speed(shipped_dir: Path, drive: list[int], s: SpeedSettings, work: Path, log) -> list[dict]:

@@ -78,11 +78,11 @@ def test_lut_to_dense_matches_its_definition(nbits):
 
 # ---- compressed packages of the tiny model ---------------------------------------------------------
 
-def _weights_of(path) -> dict[str, np.ndarray]:
+def _weights_of(path, function: str | None = None) -> dict[str, np.ndarray]:
     """The weight matrices of a saved fp32 step, found independently of the exporter: float constants
     of rank >= 2 read only by weight-reading ops."""
     found = {}
-    for op in MILProgram(path).function.operations:
+    for op in MILProgram(path, function).function.operations:
         value = op.outputs[0].val if op.op_type == "const" else None
         readers = op.outputs[0].child_ops
         if (isinstance(value, np.ndarray) and value.ndim >= 2 and value.dtype.kind == "f" and readers
@@ -262,7 +262,7 @@ def test_every_weight_is_compressed_and_counted(kind, quantized_export):
     no weight matrix."""
     folder = quantized_export.directory
     entry = next(g for g in read_manifest(folder).graphs("coreml") if g["precision"] == kind)
-    weights = _weights_of(folder / "model.mlpackage")
+    weights = _weights_of(folder / "model.mlpackage", "step")  # the fp32 package's step function
     program = MILProgram(folder / entry["file"])
     ops = [op for op in program.function.operations if op.op_type.startswith("constexpr_")]
     assert ops and {op.op_type for op in ops} == {entry["quantization"]["format"]}

@@ -272,7 +272,9 @@ def test_manifest_schema(full_export):
     assert manifest.graph("step_stateful", "coreml")["precision"] == "fp16"
     assert data["state"]["bytes_per_stream"] == TINY.n_layer * TINY.n_slots * TINY.n_embd * 4 + 8
     assert len(data["source"]["sha256"]) == 64
-    assert set(data["files"]) == {g["file"] for g in data["graphs"]} | {"lmn.schema.json", "conformance.json"}
+    weights = {g["weights"] for g in data["graphs"] if g["target"] == "onnx"}
+    assert weights == {"weights.fp32.bin", "weights.int4.bin", "weights.int8.bin", "weights.dynamic-int8.bin"}
+    assert set(data["files"]) == {g["file"] for g in data["graphs"]} | weights | {"lmn.schema.json", "conformance.json"}
     for name, facts in data["files"].items():
         assert (full_export.directory / name).exists() and facts["bytes"] > 0
 

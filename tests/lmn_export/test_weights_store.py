@@ -73,11 +73,12 @@ def test_a_store_that_reads_back_other_bytes_is_refused(tmp_path, monkeypatch):
     assert (tmp_path / files[0]).read_bytes() == original
 
 
-def test_an_export_stores_each_precision_once(full_export):
-    """Every ONNX graph of the export names its precision's weights file; no graph embeds a weight; no
+def test_an_export_stores_each_precision_once(export_dir):
+    """Every ONNX graph of the export (the committed tiny one, rebuilt by tests.data.build) names its precision's
+    weights file (test_manifest_schema: one per precision of a quantized export); no graph embeds a weight; no
     tensor lies twice in a weights file (distinct offsets, and the file is no longer than its tensors
     plus alignment)."""
-    manifest = json.loads((full_export.directory / "lmn.json").read_text(encoding="utf-8"))
+    manifest = json.loads((export_dir / "lmn.json").read_text(encoding="utf-8"))
     by_precision = defaultdict(set)
     for graph in (g for g in manifest["graphs"] if g["target"] == "onnx"):
         by_precision[graph["precision"]].add(graph["weights"])
@@ -86,7 +87,7 @@ def test_an_export_stores_each_precision_once(full_export):
     for precision, (weights,) in by_precision.items():
         places = set()
         for graph in (g for g in manifest["graphs"] if g["target"] == "onnx" and g["precision"] == precision):
-            model = onnx.load(str(full_export.directory / graph["file"]), load_external_data=False)
+            model = onnx.load(str(export_dir / graph["file"]), load_external_data=False)
             for t in model.graph.initializer:
                 if t.data_location == TensorProto.EXTERNAL:
                     info = {e.key: e.value for e in t.external_data}
@@ -94,16 +95,16 @@ def test_an_export_stores_each_precision_once(full_export):
                     places.add((int(info["offset"]), int(info["length"])))
                 else:
                     assert numpy_helper.to_array(t).nbytes < STORED_MIN_BYTES, (graph["file"], t.name)
-        size = (full_export.directory / weights).stat().st_size
+        size = (export_dir / weights).stat().st_size
         assert size <= sum(n for _, n in places) + weights_store.ALIGN * len(places), (precision, size)
         offsets = sorted(places)
         assert all(a[0] + a[1] <= b[0] for a, b in zip(offsets, offsets[1:])), "stored tensors overlap"
 
 
 @pytest.fixture
-def copied(full_export, tmp_path):
+def copied(export_dir, tmp_path):
     folder = tmp_path / "export"
-    shutil.copytree(full_export.directory, folder)
+    shutil.copytree(export_dir, folder)
     return folder
 
 
