@@ -26,6 +26,7 @@ from .onnx_export import MAX_BATCH, ExportError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")
+DEPLOYMENT = {"iOS16": "iOS16/macOS13", "iOS18": "iOS18/macOS15"}  # converter target -> lmn.json minimum_deployment_target
 
 
 def _coremltools():

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .coreml_export import _coremltools
+from .coreml_export import DEPLOYMENT, _coremltools
 from .coreml_run import load_program
 from .onnx_export import ExportError
 
 PACKAGE = "model.mlpackage"
 MULTIFUNCTION_TARGET = "iOS18"  # the first Core ML target that reads multifunction packages
-DEPLOYMENT = "iOS18/macOS15"
 
 
 def function_name(entry: dict) -> str:
@@ -65,4 +64,4 @@ def combine_functions(work: Path, entries: list[dict], progress) -> None:
         shutil.rmtree(source)
     combined.rename(work / PACKAGE)
     for entry in entries:
-        entry.update(file=PACKAGE, function=function_name(entry), minimum_deployment_target=DEPLOYMENT)
+        entry.update(file=PACKAGE, function=function_name(entry), minimum_deployment_target=DEPLOYMENT[MULTIFUNCTION_TARGET])

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .coreml_export import _coremltools, convert_step
+from .coreml_export import DEPLOYMENT, _coremltools, convert_step
 from .coreml_run import load_coreml, load_program
 from .graphs import GraphSpec
 from .onnx_export import ExportError
@@ -44,7 +44,6 @@ from .validate import ParityReport
 
 # Ops whose constant operand of rank >= 2 is a weight matrix (or kernel, or embedding table).
 WEIGHT_OPS = ("linear", "matmul", "conv", "conv_transpose", "gather")
-DEPLOYMENT = {"iOS16": "iOS16/macOS13", "iOS18": "iOS18/macOS15"}
 
 
 @dataclass(frozen=True)

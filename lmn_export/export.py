@@ -304,7 +304,7 @@ def coreml_families(model, options: ExportOptions, text_ids: list[int], progress
     from .coreml_run import load_coreml
 
     precision, steps, target = options.precision, options.parity_tokens, options.coreml_target
-    deployment = {"iOS18": "iOS18/macOS15", "iOS16": "iOS16/macOS13"}[target]
+    deployment = coreml_export.DEPLOYMENT[target]
     bound = _atol(options, FP16_ATOL if precision == "fp16" else FP32_ATOL)
     starts = start_pointers(model, steps, 2**31 - 1)  # int32 pointers
     tokens = stream_tokens(model, text_ids, steps, len(starts))

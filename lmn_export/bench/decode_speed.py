@@ -274,13 +274,13 @@ def precision_figures(timings: dict, precision: str, directory: Path, bare_dir: 
     row = {"p50_us": lmn["p50_us"], "mean_us": lmn["mean_us"],
            **floor_fields(lmn["mean_us"], weight_bytes, read_bandwidth(weight_bytes)),
            "no_memory_mean_us": bare["mean_us"], "ratio_vs_no_memory_mean": lmn["mean_us"] / bare["mean_us"],
-           "file_bytes": sum((directory / f).stat().st_size for f in with_weights(directory, files[precision]))}
+           "file_bytes": sum((directory / f).stat().st_size for f in with_weights(
+               runtime.read_manifest(directory, verify_files=False).data["graphs"], files[precision]))}
     return row
 
 
-def with_weights(directory: Path, files: list[str]) -> set[str]:
-    """Graph files and the weights files they read (lmn.json graph field `weights`)."""
-    graphs = runtime.read_manifest(directory, verify_files=False).data["graphs"]
+def with_weights(graphs: list[dict], files) -> set[str]:
+    """Graph `files` and the weights files they read (the manifest `graphs`' field `weights`)."""
     return set(files) | {g["weights"] for g in graphs if g["file"] in files and "weights" in g}
 
 

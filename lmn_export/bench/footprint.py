@@ -18,7 +18,7 @@ from pathlib import Path
 
 import runtime
 
-from .decode_speed import stepper_files
+from .decode_speed import stepper_files, with_weights
 
 FILES_GOAL = 1.15  # export files per precision / that precision's weight bytes
 RSS_GOAL = 1.3  # resident memory of a loaded model / (weight bytes + state bytes)
@@ -75,8 +75,7 @@ def loaded_files(model: runtime.ExportedModel) -> list[str]:
     """The files a model loaded at its precision may open: its stepper's and its prefill graphs', and the weights
     files they read (lmn.json graph field `weights`)."""
     graphs = {*stepper_files(model), *(g["file"] for g in model.prefill_graphs)}
-    weights = {g["weights"] for g in model.manifest.data["graphs"] if g["file"] in graphs and "weights" in g}
-    return sorted(graphs | weights)
+    return sorted(with_weights(model.manifest.data["graphs"], graphs))
 
 
 def measure_loaded(directory: Path, precision: str, threads: int) -> dict:
