@@ -51,6 +51,45 @@ def committed_export(tmp_path_factory, name: str) -> Path:
     return copy
 
 
+# Fixtures that build an export for many tests: every test that uses one runs on the same xdist worker
+# (`--dist loadgroup`, README), so the export is built once per run instead of once per worker.
+SHARED_BUILDS = ("full_export", "quantized_export", "byte_export", "packages", "quick_run", "gpt_export")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in (n for n in SHARED_BUILDS if n in item.fixturenames):
+            scope = item._fixtureinfo.name2fixturedefs[name][-1].scope
+            item.add_marker(pytest.mark.xdist_group(name if scope == "session" else f"{item.path.name}::{name}"))
+            break
+
+
+EXPORT_CACHE_ON = True  # off while a test marked no_export_cache runs
+
+
+def pytest_runtest_setup(item):
+    global EXPORT_CACHE_ON
+    EXPORT_CACHE_ON = item.get_closest_marker("no_export_cache") is None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory):
+    """Each distinct ONNX graph is traced once per test run (tests/export_cache.py says what the key holds)."""
+    try:
+        from lmn_export import onnx_export
+    except ImportError:  # a runtime-only install: nothing exports
+        yield
+        return
+    from tests.export_cache import cached
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder for all workers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "_export", cached(onnx_export._export, shared / "onnx-export-cache",
+                                                     lambda: EXPORT_CACHE_ON))
+        yield
+
+
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
     return committed_export(tmp_path_factory, "tiny")
