@@ -5,13 +5,16 @@ traced on its own, so each embeds the same weights. `store_weights_once` moves e
 precision's graphs into one file, `weights.<precision>.bin`, each distinct tensor once, and rewrites the
 graphs to read it as ONNX external data. A prefill graph's weights that the exporter folded into their
 transposes are stored once too: the graph reads the stored tensor through a Transpose node (onnxruntime
-folds it at load). Each graph computes exactly what it computed before: the rewrite is checked by reading
-every tensor back through the stored file and comparing digests.
+folds it at load). The graphs' internal value names (the exporter's long generated ones) become short ones and
+their node names and shape annotations go: with the weights gone they were most of a graph's bytes. Each graph
+computes exactly what it computed before: the rewrite is checked by reading every tensor back through the
+stored file and comparing digests.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from runtime.atomic import write_atomic
 
-STORED_MIN_BYTES = 1024  # smaller tensors (shapes, scalars, small norms) stay inside their graph
+STORED_MIN_BYTES = 256  # smaller tensors (shapes, scalars) stay inside their graph: a reference costs ~70 bytes
 ALIGN = 64  # each stored tensor starts at a multiple of this offset (SIMD-friendly when a reader maps the file)
 TRANSPOSED = "__stored_transposed"  # suffix of an initializer that holds the transpose of the graph's tensor
 
@@ -87,11 +90,46 @@ class _Store:
         return tensor
 
 
+def _short_name(index: int) -> str:
+    digits, name = "0123456789abcdefghijklmnopqrstuvwxyz", ""
+    while True:
+        name, index = digits[index % 36] + name, index // 36
+        if not index:
+            return "_" + name
+
+
+def _compact_names(model: onnx.ModelProto) -> None:
+    """Rename every value but the graph's inputs and outputs (the contract's names) to a short name, one name
+    per value across all subgraphs; drop node names and shape annotations (onnxruntime infers them)."""
+    graph = model.graph
+    kept = {v.name for v in graph.input} | {v.name for v in graph.output}
+    fresh = (n for n in map(_short_name, itertools.count()) if n not in kept)
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in kept:
+            return name
+        if name not in names:
+            names[name] = next(fresh)
+        return names[name]
+
+    for g in _graphs(graph):
+        del g.value_info[:]
+        for tensor in g.initializer:
+            tensor.name = short(tensor.name)
+        if g is not graph:  # a subgraph's own inputs and outputs are internal values too
+            for value in list(g.input) + list(g.output):
+                value.name = short(value.name)
+        for node in g.node:
+            node.name = ""
+            node.input[:] = [short(n) for n in node.input]
+            node.output[:] = [short(n) for n in node.output]
+
+
 def _rewrite(model: onnx.ModelProto, store: _Store) -> dict[str, str]:
     """Point the model's large initializers at `store`; returns {initializer name: digest of what it must read}."""
     expected = {}
     for graph in _graphs(model.graph):
-        del graph.value_info[:]  # shape annotations: onnxruntime infers them; they are a third of a graph's bytes
         transposes = []
         for i, tensor in enumerate(graph.initializer):
             array = numpy_helper.to_array(tensor)
@@ -100,8 +138,7 @@ def _rewrite(model: onnx.ModelProto, store: _Store) -> dict[str, str]:
             place, name, dims = store.offset(array), tensor.name, array.shape
             if place is None and array.ndim == 2 and store.offset(array.T) is not None:
                 place, name, dims = store.offset(array.T), tensor.name + TRANSPOSED, array.T.shape
-                transposes.append(helper.make_node("Transpose", [name], [tensor.name], perm=[1, 0],
-                                                   name=f"read_{tensor.name}{TRANSPOSED}"))
+                transposes.append(helper.make_node("Transpose", [name], [tensor.name], perm=[1, 0]))
                 expected[name] = _digest(array.T)
                 store.transposed += 1
             else:
@@ -132,6 +169,7 @@ def store_weights_once(directory: Path, files: list[str], name: str) -> StoredWe
     store, rewritten = _Store(name), []
     for file in files:
         model = onnx.load(str(directory / file))
+        _compact_names(model)
         rewritten.append((file, model, _rewrite(model, store)))
     write_atomic(directory / name, bytes(store.blob))
     for file, model, expected in rewritten:

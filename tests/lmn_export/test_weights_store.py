@@ -56,6 +56,25 @@ def test_each_tensor_is_stored_once_and_the_graphs_compute_the_same(tmp_path):
         assert all(numpy_helper.to_array(t).nbytes < STORED_MIN_BYTES for t in embedded)
         # a transpose is exact and a Gemm reads the same numbers: bit-identical outputs
         np.testing.assert_array_equal(outputs(tmp_path / f, x), y)
+        # the contract's names stay; internal names are short and nodes unnamed (graph bytes, not weights)
+        assert [v.name for v in model.graph.input] == ["x"] and [v.name for v in model.graph.output] == ["y"]
+        assert all(n.name == "" for n in model.graph.node)
+        assert {t.name for t in model.graph.initializer} <= {"_0", "_1", "_0__stored_transposed"}
+
+
+def test_short_names_never_take_a_contract_name(tmp_path):
+    """A graph whose input is already called `_0` keeps it; the renamed values skip it."""
+    nodes = [helper.make_node("Relu", ["_0"], ["long_generated_name_1"]),
+             helper.make_node("Neg", ["long_generated_name_1"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("_0", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    store_weights_once(tmp_path, ["g.onnx"], "weights.fp32.bin")
+    model = onnx.load(str(tmp_path / "g.onnx"))
+    assert [list(n.input) + list(n.output) for n in model.graph.node] == [["_0", "_1"], ["_1", "y"]]
+    x = np.array([-1.0, 0.0, 2.0], dtype=np.float32)
+    out = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"_0": x})[0]
+    np.testing.assert_array_equal(out, -np.maximum(x, 0))
 
 
 def test_a_store_that_reads_back_other_bytes_is_refused(tmp_path, monkeypatch):
@@ -95,6 +114,10 @@ def test_an_export_stores_each_precision_once(export_dir):
                     places.add((int(info["offset"]), int(info["length"])))
                 else:
                     assert numpy_helper.to_array(t).nbytes < STORED_MIN_BYTES, (graph["file"], t.name)
+            contract_names = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+            internal = {n for node in model.graph.node for n in (*node.input, *node.output)} - contract_names - {""}
+            assert all(node.name == "" for node in model.graph.node) and not model.graph.value_info, graph["file"]
+            assert max(map(len, internal)) <= len("_zzz__stored_transposed"), (graph["file"], max(internal, key=len))
         size = (export_dir / weights).stat().st_size
         assert size <= sum(n for _, n in places) + weights_store.ALIGN * len(places), (precision, size)
         offsets = sorted(places)
