@@ -5,8 +5,8 @@ traced on its own, so each embeds the same weights. `store_weights_once` moves e
 precision's graphs into one file, `weights.<precision>.bin`, each distinct tensor once, and rewrites the
 graphs to read it as ONNX external data. A prefill graph's weights that the exporter folded into their
 transposes are stored once too: the graph reads the stored tensor through a Transpose node (onnxruntime
-folds it at load). The graphs' internal value names (the exporter's long generated ones) become short ones and
-their node names and shape annotations go: with the weights gone they were most of a graph's bytes. Each graph
+folds it at load). The graphs' internal value names (the exporter's long generated ones; not the weights' names)
+become short ones and their node names and shape annotations go: with the weights gone they were most of a graph's bytes. Each graph
 computes exactly what it computed before: the rewrite is checked by reading every tensor back through the
 stored file and comparing digests.
 """
@@ -99,10 +99,12 @@ def _short_name(index: int) -> str:
 
 
 def _compact_names(model: onnx.ModelProto) -> None:
-    """Rename every value but the graph's inputs and outputs (the contract's names) to a short name, one name
-    per value across all subgraphs; drop node names and shape annotations (onnxruntime infers them)."""
+    """Rename every value but the graph's inputs and outputs (the contract's names) and its initializers (lmn.json's
+    quantization record names the weights it left in fp32) to a short name, one name per value across all
+    subgraphs; drop node names and shape annotations (onnxruntime infers them)."""
     graph = model.graph
     kept = {v.name for v in graph.input} | {v.name for v in graph.output}
+    kept |= {t.name for g in _graphs(graph) for t in g.initializer}
     fresh = (n for n in map(_short_name, itertools.count()) if n not in kept)
     names: dict[str, str] = {}
 
@@ -115,8 +117,6 @@ def _compact_names(model: onnx.ModelProto) -> None:
 
     for g in _graphs(graph):
         del g.value_info[:]
-        for tensor in g.initializer:
-            tensor.name = short(tensor.name)
         if g is not graph:  # a subgraph's own inputs and outputs are internal values too
             for value in list(g.input) + list(g.output):
                 value.name = short(value.name)
