@@ -71,8 +71,8 @@ def export_key(graph, args: tuple, spec, opset: int) -> str:
         attrs = sorted((k, _plain(v)) for k, v in vars(module).items() if not k.startswith("_"))
         digest.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}:{attrs}\n".encode())
     for name, tensor in list(graph.state_dict(keep_vars=False).items()) + [(f"arg{i}", a) for i, a in enumerate(args)]:
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # flat: a 0-d tensor cannot be viewed as bytes
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     _code_fingerprint(digest)
     return digest.hexdigest()

@@ -27,6 +27,7 @@ def test_the_key_follows_everything_the_graph_depends_on(monkeypatch):
     assert key(model, levels=2) != same  # a fast path of the same model
     assert key(model, opset=19) != same
     assert key(model, token=torch.ones(2, dtype=torch.int64)) != same  # other example arguments
+    assert key(model, token=torch.zeros(1, 2, dtype=torch.int64)) != same  # the same bytes in another shape
     monkeypatch.setattr(models.lmn, "FOLD_MAX_WEIGHTS", 0)  # a constant of the traced code
     assert key(model) != same
     monkeypatch.undo()
