@@ -51,21 +51,6 @@ def committed_export(tmp_path_factory, name: str) -> Path:
     return copy
 
 
-# Fixtures that build an export for many tests: every test that uses one runs on the same xdist worker
-# (`--dist loadgroup`, README), so the export is built once per run instead of once per worker.
-SHARED_BUILDS = ("full_export", "quantized_export", "byte_export", "packages", "quick_run", "gpt_export")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):  # the arm64 tree's pytest has no xdist (.ci/edge-cpus)
-        return
-    for item in items:
-        for name in (n for n in SHARED_BUILDS if n in item.fixturenames):
-            scope = item._fixtureinfo.name2fixturedefs[name][-1].scope
-            item.add_marker(pytest.mark.xdist_group(name if scope == "session" else f"{item.path.name}::{name}"))
-            break
-
-
 EXPORT_CACHE_ON = True  # off while a test marked no_export_cache runs
 
 
