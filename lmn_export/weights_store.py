@@ -5,10 +5,10 @@ traced on its own, so each embeds the same weights. `store_weights_once` moves e
 precision's graphs into one file, `weights.<precision>.bin`, each distinct tensor once, and rewrites the
 graphs to read it as ONNX external data. A prefill graph's weights that the exporter folded into their
 transposes are stored once too: the graph reads the stored tensor through a Transpose node (onnxruntime
-folds it at load). The graphs' internal value names (the exporter's long generated ones; not the weights' names)
-become short ones and their node names and shape annotations go: with the weights gone they were most of a graph's bytes. Each graph
-computes exactly what it computed before: the rewrite is checked by reading every tensor back through the
-stored file and comparing digests.
+folds it at load). The graphs' intermediate value names (the exporter's long generated ones; not the weights'
+names) become short ones and their node names and shape annotations go: with the weights gone they were most of
+a graph's bytes. Each graph computes exactly what it computed before: the rewrite is checked by reading every
+tensor back through the stored file and comparing digests.
 """
 
 from __future__ import annotations
@@ -91,11 +91,7 @@ class _Store:
 
 
 def _short_name(index: int) -> str:
-    digits, name = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    while True:
-        name, index = digits[index % 36] + name, index // 36
-        if not index:
-            return "_" + name
+    return "_" + np.base_repr(index, 36).lower()
 
 
 def _compact_names(model: onnx.ModelProto) -> None:

@@ -84,10 +84,11 @@ def cached(real_export, folder: Path, enabled):
         if not enabled():
             return real_export(graph, args, spec, path, opset)
         entry = folder / f"{export_key(graph, args, spec, opset)}.onnx"
+        hit = entry.is_file()
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "ledger.txt", "a", encoding="utf-8") as ledger:  # hits and misses, for the curious
-            ledger.write(f"{'hit' if entry.is_file() else 'miss'} {entry.stem[:12]} {type(graph).__name__}\n")
-        if entry.is_file():
+            ledger.write(f"{'hit' if hit else 'miss'} {entry.stem[:12]} {type(graph).__name__}\n")
+        if hit:
             sys.modules["lmn_export.onnx_export"].write_atomic(Path(path), entry.read_bytes())
             return None
         result = real_export(graph, args, spec, path, opset)
